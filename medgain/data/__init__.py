@@ -1,0 +1,1 @@
+"""medgain.data."""
