@@ -1,0 +1,36 @@
+"""Conversions from network outputs to the per-sample scores and labels the metrics consume."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["binary_labels", "positive_probability", "stack_output"]
+
+
+def positive_probability(logits: torch.Tensor) -> torch.Tensor:
+    """Probability that a sample is ill, shape (B,).
+
+    A single logit: its sigmoid. Several classes (class 0 = healthy): 1 - softmax probability of class 0.
+    """
+    logits = logits.detach().reshape(logits.shape[0], -1).float()
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits[:, 0])
+    return 1.0 - torch.softmax(logits, dim=1)[:, 0]
+
+
+def binary_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Ill (1) / healthy (0) per sample from class indices (B,), (B, 1) or one-hot (B, C) labels."""
+    labels = torch.as_tensor(labels).detach().reshape(labels.shape[0], -1)
+    if labels.shape[1] > 1:
+        labels = labels.argmax(1, keepdim=True)
+    return (labels[:, 0] != 0).long()
+
+
+def stack_output(output: Any, keys: Sequence[str]) -> list[torch.Tensor]:
+    """Batched tensors for ``keys`` from an engine output: a dict of batches or a decollated list of dicts."""
+    if isinstance(output, list):
+        return [torch.stack([torch.as_tensor(item[k]) for item in output]) for k in keys]
+    return [torch.as_tensor(output[k]) for k in keys]

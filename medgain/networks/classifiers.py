@@ -1,0 +1,124 @@
+"""Classifier registry: torchvision backbones with their default Grad-CAM layers, offline weights only."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision.models as tvm
+from torch import nn
+
+__all__ = ["TARGET_LAYERS", "build_classifier"]
+
+logger = logging.getLogger(__name__)
+
+#: default Grad-CAM layer (``named_modules()`` name) of each registered network: its last convolutional block.
+TARGET_LAYERS: dict[str, str] = {
+    "mobilenet_v2": "features.18",
+    "resnet18": "layer4",
+    "resnet50": "layer4",
+    "densenet121": "features",
+    "efficientnet-b0": "features.8",
+}
+
+
+def _replace_conv(parent: nn.Module, name: str, in_channels: int) -> None:
+    old: nn.Conv2d = getattr(parent, name)
+    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None)
+    setattr(parent, name, new)
+
+
+def _mobilenet_v2(num_classes: int, in_channels: int) -> nn.Module:
+    net = tvm.mobilenet_v2(weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        _replace_conv(net.features[0], "0", in_channels)
+    return net
+
+
+def _resnet(factory: Callable[..., nn.Module]) -> Callable[[int, int], nn.Module]:
+    def build(num_classes: int, in_channels: int) -> nn.Module:
+        net = factory(weights=None, num_classes=num_classes)
+        if in_channels != 3:
+            _replace_conv(net, "conv1", in_channels)
+        return net
+
+    return build
+
+
+def _densenet121(num_classes: int, in_channels: int) -> nn.Module:
+    net = tvm.densenet121(weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        _replace_conv(net.features, "conv0", in_channels)
+    return net
+
+
+def _efficientnet_b0(num_classes: int, in_channels: int) -> nn.Module:
+    net = tvm.efficientnet_b0(weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        _replace_conv(net.features[0], "0", in_channels)
+    return net
+
+
+_BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
+    "mobilenet_v2": _mobilenet_v2,
+    "resnet18": _resnet(tvm.resnet18),
+    "resnet50": _resnet(tvm.resnet50),
+    "densenet121": _densenet121,
+    "efficientnet-b0": _efficientnet_b0,
+}
+
+
+def _load_pretrained(net: nn.Module, path: str | Path) -> None:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"pretrained weights not found: {path} (medgain never downloads weights; save a state dict there, "
+            "e.g. torch.save(torchvision.models.mobilenet_v2(weights='DEFAULT').state_dict(), path) on a "
+            "machine with network access)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable PyTorch state dict ({err})") from err
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}")
+    own = net.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    missing = sorted(set(own) - set(state))
+    if unexpected or missing:
+        raise ValueError(
+            f"{path}: weights do not fit {type(net).__name__}; missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    # the classifier head (and a first conv with other input channels) may differ in shape: keep those fresh
+    skipped = [k for k, v in state.items() if v.shape != own[k].shape]
+    if skipped:
+        logger.info("%s: kept freshly initialised (shape differs): %s", path, skipped)
+    net.load_state_dict({k: v for k, v in state.items() if k not in skipped}, strict=False)
+
+
+def build_classifier(
+    name: str, num_classes: int, in_channels: int = 3, pretrained_path: str | Path | None = None
+) -> nn.Module:
+    """Build a registered classifier; its Grad-CAM layer is ``TARGET_LAYERS[name]``.
+
+    Args:
+        name: one of ``TARGET_LAYERS`` (mobilenet_v2, resnet18, resnet50, densenet121, efficientnet-b0).
+        num_classes: number of output logits (1 for a single-logit binary model).
+        in_channels: input channels.
+        pretrained_path: local state dict (e.g. ImageNet weights) loaded with ``weights_only=True``; tensors whose
+            shape differs (the classifier head for another number of classes) keep their fresh initialisation.
+
+    Raises:
+        ValueError: unknown name, or weights that do not belong to this architecture.
+        FileNotFoundError: ``pretrained_path`` does not exist.
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown network {name!r}; registered: {sorted(_BUILDERS)}")
+    net = _BUILDERS[name](num_classes, in_channels)
+    if pretrained_path is not None:
+        _load_pretrained(net, pretrained_path)
+    return net

@@ -1,0 +1,46 @@
+"""Shared test fixtures: tiny deterministic networks and a synthetic blob task."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    """Small conv net; ``features.conv2`` keeps the input resolution, ``pool`` halves it."""
+
+    def __init__(self, num_classes: int = 3, downsample: bool = False, act: type[nn.Module] = nn.ReLU) -> None:
+        super().__init__()
+        self.features = nn.Sequential()
+        self.features.add_module("conv1", nn.Conv2d(3, 8, 3, padding=1))
+        self.features.add_module("act1", act())
+        if downsample:
+            self.features.add_module("pool", nn.AvgPool2d(2))
+        self.features.add_module("conv2", nn.Conv2d(8, 8, 3, padding=1))
+        self.features.add_module("bn", nn.BatchNorm2d(8))
+        self.features.add_module("act2", act())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+@pytest.fixture
+def tiny_net() -> TinyNet:
+    torch.manual_seed(0)
+    return TinyNet()
+
+
+def blob_batch(n: int, size: int = 16, seed: int = 0, pos_rate: float = 0.5) -> dict[str, torch.Tensor]:
+    """Noise images; positives carry a bright square blob whose mask is returned."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, size, size, generator=g) * 0.5
+    labels = (torch.rand(n, generator=g) < pos_rate).long()
+    masks = torch.zeros(n, 1, size, size)
+    for i in torch.nonzero(labels)[:, 0].tolist():
+        r, c = torch.randint(0, size - size // 4, (2,), generator=g).tolist()
+        s = size // 4
+        masks[i, :, r : r + s, c : c + s] = 1.0
+        images[i, 0, r : r + s, c : c + s] += 0.6
+    return {"image": images, "label": labels, "mask": masks, "has_mask": labels.bool()}
