@@ -70,7 +70,7 @@ def test_binary_focal_loss_accepts_class_index_labels() -> None:
 @pytest.mark.parametrize("name", sorted(TARGET_LAYERS))
 def test_registry_builds_every_network_with_a_working_cam_layer(name: str) -> None:
     torch.manual_seed(0)
-    net = build_classifier(name, num_classes=2, in_channels=1).eval()
+    net = build_classifier(name, num_classes=2, in_channels=1).train()  # eval-mode BN at init can zero features
     images = torch.rand(4, 1, 64, 64)
     logits, cam1 = grad_cam(net, images, TARGET_LAYERS[name], 1)
     _, cam0 = grad_cam(net, images, TARGET_LAYERS[name], 0)
