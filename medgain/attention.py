@@ -54,10 +54,14 @@ class ActivationCapture:
 
     Args:
         layer: the module whose output is recorded.
+        grad_from_layer: when the forward runs with gradients disabled, record the graph from this layer on
+            only (the hook switches gradients on; the caller restores the mode afterwards). Grad-CAM then costs
+            about one inference forward: nothing upstream of the layer is recorded.
     """
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, grad_from_layer: bool = False) -> None:
         self.enabled = True
+        self.grad_from_layer = grad_from_layer
         self.activations: torch.Tensor | None = None
         self._handle = layer.register_forward_hook(self._hook)
 
@@ -69,7 +73,10 @@ class ActivationCapture:
                 f"Grad-CAM needs a layer with a (B, C, H, W) tensor output; {type(module).__name__} returned "
                 f"{type(output).__name__} {tuple(getattr(output, 'shape', ()))}"
             )
-        if torch.is_grad_enabled() and not output.requires_grad:
+        if self.grad_from_layer and not torch.is_grad_enabled():
+            torch.set_grad_enabled(True)
+            output = output.detach().requires_grad_(True)
+        elif torch.is_grad_enabled() and not output.requires_grad:
             output = output.detach().requires_grad_(True)
         self.activations = output
         return output
@@ -163,8 +170,10 @@ def grad_cam(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward ``images`` and return ``(logits, cam)`` with a per-sample target class.
 
-    Gradients are enabled inside even when called under ``torch.no_grad`` (e.g. in an evaluator); the model's
-    mode and parameter gradients are left as they are.
+    Under ``torch.no_grad`` (e.g. in an evaluator) only the part of the network after ``target_layer`` is
+    recorded, so the maps cost about one inference forward and the returned cam is not connected to the
+    parameters; with gradients enabled, logits and cam stay on the full graph. The model's mode and parameter
+    gradients are left as they are.
 
     Args:
         model: any ``nn.Module``; ``target_layer`` names one of its sub-modules.
@@ -177,11 +186,16 @@ def grad_cam(
         logits (B, num_classes) and cam (B, 1, H, W), raw (see :func:`cam_from_activations`).
     """
     layer = resolve_layer(model, target_layer)
-    with ActivationCapture(layer) as capture, torch.enable_grad():
-        logits = model(images)
+    grad_mode = torch.is_grad_enabled()
+    with ActivationCapture(layer, grad_from_layer=not grad_mode) as capture:
+        try:
+            logits = model(images)
+        finally:
+            torch.set_grad_enabled(grad_mode)
         acts = capture.pop()
-        if acts is None:
-            raise RuntimeError(f"layer {target_layer!r} was not called during the forward pass")
+    if acts is None:
+        raise RuntimeError(f"layer {target_layer!r} was not called during the forward pass")
+    with torch.enable_grad():
         cam = cam_from_activations(
             acts, target_scores(logits, class_index), images.shape[-2:], create_graph=create_graph
         )

@@ -129,3 +129,16 @@ def test_mean_roi_color_over_samples_and_batches() -> None:
     torch.testing.assert_close(mean_roi_color(batched), torch.tensor([0.675, 0.075, 0.15]))
     with pytest.raises(ValueError, match="no lesion pixel"):
         mean_roi_color([{"image": image, "mask": torch.zeros(1, 4, 4)}])
+
+
+def test_under_no_grad_only_the_layers_after_the_target_are_recorded(tiny_net: TinyNet) -> None:
+    tiny_net.eval()
+    images = torch.rand(3, 3, 16, 16)
+    classes = torch.tensor([0, 1, 2])
+    _, with_grad = grad_cam(tiny_net, images, "features.conv2", classes)
+    with torch.no_grad():
+        logits, cam = grad_cam(tiny_net, images, "features.conv2", classes)
+        assert not torch.is_grad_enabled()  # the caller's mode is restored
+    torch.testing.assert_close(cam, with_grad.detach())
+    assert logits.grad_fn is not None and logits.grad_fn.next_functions  # graph starts at the target layer
+    assert all(p.grad is None for p in tiny_net.parameters())
