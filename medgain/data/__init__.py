@@ -1,1 +1,20 @@
-"""medgain.data."""
+"""medgain.data: datalists, synthetic data, sampling and the erase fill colour."""
+
+from medgain.data.capsule import prepare_items, write_errors_csv
+from medgain.data.datalist import apply_mask_budget, expand_frames, load_datalist, scan_folder
+from medgain.data.fill_color import cached_fill_color
+from medgain.data.sampler import PositiveFractionBatchSampler
+from medgain.data.synth_capsule import LESION_KINDS, make_capsule_dataset
+
+__all__ = [
+    "LESION_KINDS",
+    "PositiveFractionBatchSampler",
+    "apply_mask_budget",
+    "cached_fill_color",
+    "expand_frames",
+    "load_datalist",
+    "make_capsule_dataset",
+    "prepare_items",
+    "scan_folder",
+    "write_errors_csv",
+]

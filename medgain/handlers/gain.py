@@ -155,14 +155,19 @@ class GAINHandler:
         self._warned_no_mask = False
 
     def attach(self, engine: Engine) -> None:
-        """Hook the target layer of ``engine.network`` and register on the trainer's iteration events."""
+        """Register on the trainer's events; the target layer of ``engine.network`` is hooked when the run starts
+        (MONAI attaches handlers before the trainer holds its network)."""
         from ignite.engine import Events
 
-        self._capture = ActivationCapture(resolve_layer(engine.network, self.target_layer))
-        self._capture.enabled = False
+        engine.add_event_handler(Events.STARTED, self._hook_network)
         engine.add_event_handler(Events.ITERATION_STARTED, self._arm)
         engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, self._disarm)
         engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
+
+    def _hook_network(self, engine: Engine) -> None:
+        if self._capture is None:
+            self._capture = ActivationCapture(resolve_layer(engine.network, self.target_layer))
+            self._capture.enabled = False
 
     def _arm(self, engine: Engine) -> None:
         assert self._capture is not None

@@ -1,0 +1,194 @@
+"""The validation ROC curve of every round as a plot and a table, with the very-low-FPR region visible."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from monai.utils import convert_to_numpy
+
+from medgain.handlers.metrics_json import log_artifact
+from medgain.metrics.scores import binary_labels, positive_probability, stack_output
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+    from monai.handlers import MLFlowHandler
+
+__all__ = ["ROCCurveSaver", "operating_point", "roc_curve"]
+
+
+def roc_curve(
+    scores: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The exact ROC step function of the data: one point per distinct score (ties form one threshold).
+
+    Args:
+        scores: (N,) finite scores, higher meaning "positive".
+        labels: (N,) ground truth, 1 = positive, 0 = negative; both classes must be present.
+
+    Returns:
+        ``(fpr, tpr, thresholds)``, each (K + 1,) for K distinct scores, thresholds decreasing from +inf (the
+        (0, 0) point); predicting positive when ``score >= thresholds[k]`` gives ``(fpr[k], tpr[k])``.
+
+    Raises:
+        ValueError: when the shapes differ, a score is not finite, a label is not 0/1 or a class is missing.
+    """
+    s = np.asarray(convert_to_numpy(scores), dtype=np.float64).reshape(-1)
+    y = np.asarray(convert_to_numpy(labels)).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"roc_curve: {s.size} scores but {y.size} labels")
+    if not np.isfinite(s).all():
+        raise ValueError(f"roc_curve: {int((~np.isfinite(s)).sum())} scores are NaN or infinite")
+    bad = np.setdiff1d(np.unique(y), [0, 1])
+    if bad.size:
+        raise ValueError(f"roc_curve: labels must be 0 or 1, found {bad.tolist()}")
+    y = y.astype(np.float64)
+    n_pos = y.sum()
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"roc_curve: needs both classes, got {int(n_pos)} positive and {int(n_neg)} negative")
+    values, inverse = np.unique(s, return_inverse=True)
+    pos = np.bincount(inverse, weights=y, minlength=values.size)[::-1]
+    neg = np.bincount(inverse, weights=1.0 - y, minlength=values.size)[::-1]
+    tpr = np.concatenate(([0.0], np.cumsum(pos))) / n_pos
+    fpr = np.concatenate(([0.0], np.cumsum(neg))) / n_neg
+    return fpr, tpr, np.concatenate(([np.inf], values[::-1]))
+
+
+def operating_point(
+    fpr: np.ndarray, tpr: np.ndarray, thresholds: np.ndarray, max_fpr: float
+) -> tuple[float, float, float]:
+    """The point of a :func:`roc_curve` with the highest TPR at an FPR of at most ``max_fpr``.
+
+    Among the thresholds reaching that TPR the largest one (fewest false alarms) is taken.
+
+    Returns:
+        ``(fpr, tpr, threshold)`` of that point.
+    """
+    last = int(np.count_nonzero(fpr <= max_fpr)) - 1
+    first = int(np.searchsorted(tpr, tpr[last], side="left"))
+    return float(fpr[first]), float(tpr[first]), float(thresholds[first])
+
+
+class ROCCurveSaver:
+    """Plots and tabulates the ROC curve of each evaluation round (ill vs healthy).
+
+    Each iteration the probability of being ill (:func:`~medgain.metrics.scores.positive_probability` of
+    ``pred``) and the ill/healthy label are accumulated; at ``Events.EPOCH_COMPLETED`` it writes, with
+    ``epoch = engine.state.epoch``:
+
+    - ``output_dir/roc_epoch_{epoch:03d}.png``: the curve on a linear and on a log-FPR axis (an FPR of 0 is
+      drawn at half the smallest non-zero FPR), with the operating point of each ``max_fprs`` marked;
+    - ``output_dir/roc_epoch_{epoch:03d}.csv``: the exact curve, columns ``fpr, tpr, threshold``.
+
+    A round with a single class has no ROC curve: a warning is issued and ``roc_epoch_{epoch:03d}.txt``
+    explains why. Files are logged to MLflow under ``artifact_path`` when a handler is given.
+
+    Args:
+        output_dir: folder of the files; created when missing.
+        mlflow_handler: the MONAI ``MLFlowHandler`` owning the run, or None to only write files.
+        max_fprs: false-alarm budgets whose operating points are marked.
+        artifact_path: MLflow artifact folder.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        mlflow_handler: MLFlowHandler | None = None,
+        max_fprs: Sequence[float] = (0.0005, 0.001),
+        artifact_path: str = "roc",
+    ) -> None:
+        bad = [f for f in max_fprs if not 0.0 <= float(f) <= 1.0]
+        if bad:
+            raise ValueError(f"ROCCurveSaver: max_fprs must be in [0, 1], got {bad}")
+        self.output_dir = Path(output_dir)
+        self.mlflow_handler = mlflow_handler
+        self.max_fprs = tuple(float(f) for f in max_fprs)
+        self.artifact_path = artifact_path
+        self._scores: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+
+    def attach(self, engine: Engine) -> None:
+        """Accumulate every iteration of ``engine`` and write the curve at the end of each round."""
+        from ignite.engine import Events
+
+        if not engine.has_event_handler(self.reset, Events.EPOCH_STARTED):
+            engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        if not engine.has_event_handler(self, Events.ITERATION_COMPLETED):
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        if not engine.has_event_handler(self.write, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        """Forget the accumulated scores."""
+        self._scores, self._labels = [], []
+
+    def __call__(self, engine: Engine) -> None:
+        """Accumulate the probabilities and labels of one batch."""
+        logits, labels = stack_output(engine.state.output, ("pred", "label"))
+        self._scores.append(positive_probability(logits).cpu().numpy())
+        self._labels.append(binary_labels(labels).cpu().numpy())
+
+    def write(self, engine: Engine) -> None:
+        """Write (and log) the curve of the round."""
+        epoch = int(engine.state.epoch)
+        scores = np.concatenate(self._scores) if self._scores else np.zeros(0)
+        labels = np.concatenate(self._labels) if self._labels else np.zeros(0, dtype=np.int64)
+        n_pos = int(labels.sum())
+        n_neg = labels.size - n_pos
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        stem = self.output_dir / f"roc_epoch_{epoch:03d}"
+        if n_pos == 0 or n_neg == 0:
+            note = (
+                f"No ROC curve at epoch {epoch}: the validation set has {n_pos} ill and {n_neg} healthy samples; "
+                "a ROC curve needs both."
+            )
+            warnings.warn(f"ROCCurveSaver: {note}", stacklevel=2)
+            path = stem.with_suffix(".txt")
+            path.write_text(note + "\n")
+            log_artifact(self.mlflow_handler, path, self.artifact_path)
+            return
+        fpr, tpr, thresholds = roc_curve(scores, labels)
+        with open(stem.with_suffix(".csv"), "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["fpr", "tpr", "threshold"])
+            writer.writerows(zip(fpr.tolist(), tpr.tolist(), thresholds.tolist()))
+        self._plot(fpr, tpr, thresholds, epoch, n_pos, n_neg).savefig(stem.with_suffix(".png"), dpi=100)
+        log_artifact(self.mlflow_handler, stem.with_suffix(".png"), self.artifact_path)
+        log_artifact(self.mlflow_handler, stem.with_suffix(".csv"), self.artifact_path)
+
+    def _plot(
+        self, fpr: np.ndarray, tpr: np.ndarray, thresholds: np.ndarray, epoch: int, n_pos: int, n_neg: int
+    ) -> Figure:
+        auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+        floor = 0.5 / n_neg
+        fig = Figure(figsize=(10, 4.5), layout="constrained")
+        fig.suptitle(f"ROC, epoch {epoch}: AUC {auc:.4f} ({n_pos} ill, {n_neg} healthy)")
+        linear, log = fig.subplots(1, 2)
+        linear.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1)
+        linear.plot(fpr, tpr, color="C0", linewidth=1.5)
+        log.plot(np.maximum(fpr, floor), tpr, color="C0", linewidth=1.5)
+        for i, max_fpr in enumerate(self.max_fprs):
+            p_fpr, p_tpr, p_thr = operating_point(fpr, tpr, thresholds, max_fpr)
+            label = f"FPR <= {max_fpr:g}: TPR {p_tpr:.3f} at p >= {p_thr:.6g}"
+            for ax, budget, x in ((linear, max_fpr, p_fpr), (log, max(max_fpr, floor), max(p_fpr, floor))):
+                ax.axvline(budget, color=f"C{i + 1}", linestyle="--", linewidth=1)
+                ax.plot([x], [p_tpr], "o", color=f"C{i + 1}", label=label)
+        linear.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false-positive rate", ylabel="true-positive rate")
+        log.set_xscale("log")
+        log.set(
+            xlim=(floor / 1.5, 1),
+            ylim=(0, 1.01),
+            xlabel=f"false-positive rate (log; 0 drawn at {floor:.2g})",
+            ylabel="true-positive rate",
+        )
+        for ax in (linear, log):
+            ax.grid(True, which="both", alpha=0.3)
+        log.legend(loc="lower right", fontsize="small")
+        return fig

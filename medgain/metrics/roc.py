@@ -1,0 +1,132 @@
+"""Sensitivity at a very low false-alarm rate, read off the exact ROC step function."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from monai.metrics import CumulativeIterationMetric
+from monai.utils import convert_to_numpy
+
+from medgain.metrics.scores import binary_labels, positive_probability, stack_output
+
+__all__ = ["TPRAtFPRMetric", "scores_and_labels", "tpr_at_fpr"]
+
+
+def tpr_at_fpr(
+    scores: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, max_fpr: float
+) -> tuple[float, float]:
+    """Highest true-positive rate whose false-positive rate is at most ``max_fpr``, and its threshold.
+
+    The ROC curve is the exact step function of the data: one point per distinct score (tied scores form a
+    single threshold) plus the (0, 0) point at threshold +inf. No fixed threshold grid is used, so rare
+    operating points such as FPR 0.05 % are found exactly.
+
+    Args:
+        scores: (N,) scores, higher meaning "positive" (e.g. the probability of being ill).
+        labels: (N,) ground truth, 1 = positive, 0 = negative.
+        max_fpr: the false-alarm budget in [0, 1].
+
+    Returns:
+        ``(tpr, threshold)``: predicting positive when ``score >= threshold`` reaches ``tpr`` with an FPR of at
+        most ``max_fpr``. The threshold is the largest one reaching that TPR (the fewest false alarms), +inf
+        when the TPR is 0. ``(nan, nan)`` with a warning when only one class is present.
+
+    Raises:
+        ValueError: when ``max_fpr`` is outside [0, 1], the shapes differ, a score is not finite or a label is
+            not 0/1.
+    """
+    if not 0.0 <= max_fpr <= 1.0:
+        raise ValueError(f"tpr_at_fpr: max_fpr must be in [0, 1], got {max_fpr}")
+    s = np.asarray(convert_to_numpy(scores), dtype=np.float64).reshape(-1)
+    y = np.asarray(convert_to_numpy(labels)).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"tpr_at_fpr: {s.size} scores but {y.size} labels")
+    if not np.isfinite(s).all():
+        raise ValueError(f"tpr_at_fpr: {int((~np.isfinite(s)).sum())} scores are NaN or infinite")
+    bad = np.setdiff1d(np.unique(y), [0, 1])
+    if bad.size:
+        raise ValueError(f"tpr_at_fpr: labels must be 0 or 1, found {bad.tolist()}")
+    y = y.astype(np.float64)
+    n_pos = y.sum()
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        warnings.warn(
+            f"tpr_at_fpr: {int(n_pos)} positive and {int(n_neg)} negative samples; TPR at FPR needs both "
+            "classes, returning NaN.",
+            stacklevel=2,
+        )
+        return math.nan, math.nan
+    values, inverse = np.unique(s, return_inverse=True)
+    # counts per distinct score, from the highest score (strictest threshold) down
+    pos = np.bincount(inverse, weights=y, minlength=values.size)[::-1]
+    neg = np.bincount(inverse, weights=1.0 - y, minlength=values.size)[::-1]
+    tps = np.concatenate(([0.0], np.cumsum(pos)))
+    fps = np.concatenate(([0.0], np.cumsum(neg)))
+    thresholds = np.concatenate(([np.inf], values[::-1]))
+    last = int(np.count_nonzero(fps / n_neg <= max_fpr)) - 1  # FPR is non-decreasing along the curve
+    first = int(np.searchsorted(tps, tps[last], side="left"))
+    return float(tps[last] / n_pos), float(thresholds[first])
+
+
+def scores_and_labels(
+    output: Any, pred_key: str = "pred", label_key: str = "label"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output transform: ``(probability of being ill (B,), ill/healthy labels (B,))`` from an evaluator output.
+
+    Args:
+        output: ``engine.state.output``, a dict of batched tensors or a decollated list of per-sample dicts.
+        pred_key: key of the logits, (B, C) or (B, 1).
+        label_key: key of the class indices (0 = healthy).
+
+    Raises:
+        KeyError: when the output lacks ``pred_key`` or ``label_key``.
+    """
+    items = output if isinstance(output, list) else [output]
+    keys = set(items[0].keys()) if items else set()
+    missing = [k for k in (pred_key, label_key) if k not in keys]
+    if missing:
+        raise KeyError(f"scores_and_labels: engine output has no {missing}; available keys: {sorted(keys)}")
+    logits, labels = stack_output(output, (pred_key, label_key))
+    return positive_probability(logits), binary_labels(labels)
+
+
+class TPRAtFPRMetric(CumulativeIterationMetric):
+    """Accumulates per-sample scores and labels; ``aggregate()`` gives the TPR at ``max_fpr`` (see
+    :func:`tpr_at_fpr`) and stores the matching decision threshold in ``self.threshold``.
+
+    Args:
+        max_fpr: the false-alarm budget in [0, 1], e.g. 0.001 for 0.1 %.
+    """
+
+    def __init__(self, max_fpr: float) -> None:
+        if not 0.0 <= max_fpr <= 1.0:
+            raise ValueError(f"TPRAtFPRMetric: max_fpr must be in [0, 1], got {max_fpr}")
+        super().__init__()
+        self.max_fpr = float(max_fpr)
+        self.threshold = math.nan
+
+    def reset(self) -> None:
+        """Empty the buffers and forget the last threshold."""
+        super().reset()
+        self.threshold = math.nan
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+        """Flatten one score and one 0/1 label per sample to (B,) each."""
+        batch = y_pred.shape[0]
+        if y_pred.reshape(batch, -1).shape[1] != 1 or y.reshape(y.shape[0], -1).shape[1] != 1:
+            raise ValueError(
+                f"TPRAtFPRMetric: expected one score and one label per sample, got y_pred {tuple(y_pred.shape)} "
+                f"and y {tuple(y.shape)}"
+            )
+        return [y_pred.reshape(batch).float(), y.reshape(-1)]
+
+    def aggregate(self) -> float:  # type: ignore[override]
+        """TPR at ``max_fpr`` over everything accumulated; NaN with a warning when only one class was seen."""
+        buffers = self.get_buffer()
+        scores, labels = buffers if buffers is not None else (torch.zeros(0), torch.zeros(0))
+        tpr, self.threshold = tpr_at_fpr(scores, labels, self.max_fpr)
+        return tpr

@@ -1,0 +1,333 @@
+"""Reading capsule-endoscopy frames (PNG / JPEG / DICOM) and lesion label maps (PNG / NIfTI)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from PIL import Image, UnidentifiedImageError
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import iter_pixels, pixel_array
+
+__all__ = [
+    "DICOM_SUFFIXES",
+    "read_frame",
+    "iter_frames",
+    "count_frames",
+    "read_label_map",
+    "LoadFramed",
+    "LoadLabelMapd",
+]
+
+DICOM_SUFFIXES = (".dcm", ".dicom")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_GREY_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
+_COLOUR_PHOTOMETRIC = ("RGB", "YBR_FULL", "YBR_FULL_422")
+_PIL_DIRECT_MODES = ("1", "L", "LA", "RGB", "RGBA", "RGBX", "P", "PA")
+_PIL_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I")
+
+
+def _is_dicom(path: Path) -> bool:
+    return path.suffix.lower() in DICOM_SUFFIXES
+
+
+def _check_exists(path: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+
+
+def _pil_to_rgb(path: Path, img: Image.Image) -> np.ndarray:
+    """Normalise a decoded PIL image of any supported mode to (H, W, 3) float32 in [0, 1]."""
+    if img.mode in _PIL_16BIT_MODES:
+        grey = np.asarray(img).astype(np.float32)
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise ValueError(f"{path}: mode {img.mode} values outside the 16-bit range [0, 65535]")
+        return np.repeat((grey / 65535.0)[..., None], 3, axis=-1)
+    if img.mode not in _PIL_DIRECT_MODES:
+        raise ValueError(f"{path}: unsupported image mode {img.mode!r}")
+    if img.mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _read_pil(path: Path, frame: int) -> np.ndarray:
+    if frame != 0:
+        raise ValueError(f"{path}: frame index {frame} out of range, the file holds 1 frame")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _pil_to_rgb(path, img)
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{path}: cannot decode image ({err})") from err
+
+
+def _read_dicom_header(path: Path) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: cannot read DICOM header ({err})") from err
+
+
+def _dicom_num_frames(path: Path, ds: pydicom.Dataset) -> int:
+    try:
+        return int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: invalid NumberOfFrames {ds.get('NumberOfFrames')!r}") from err
+
+
+def _dicom_check_header(path: Path, ds: pydicom.Dataset) -> None:
+    if "PhotometricInterpretation" not in ds:
+        raise ValueError(f"{path}: DICOM header has no PhotometricInterpretation (not an image, or truncated)")
+    photometric = str(ds.PhotometricInterpretation).strip()
+    if photometric not in _GREY_PHOTOMETRIC + _COLOUR_PHOTOMETRIC:
+        supported = ", ".join(_GREY_PHOTOMETRIC + _COLOUR_PHOTOMETRIC)
+        raise ValueError(
+            f"{path}: unsupported photometric interpretation {photometric!r}, "
+            f"expected one of {supported}"
+        )
+    if "BitsStored" not in ds:
+        raise ValueError(f"{path}: DICOM header has no BitsStored")
+
+
+def _dicom_to_rgb(path: Path, ds: pydicom.Dataset, pixels: np.ndarray) -> np.ndarray:
+    """Scale one decoded DICOM frame by BitsStored and convert it to (H, W, 3) float32 in [0, 1].
+
+    pydicom already converts YBR_FULL / YBR_FULL_422 pixel data to RGB when decoding (``raw=False``).
+    """
+    photometric = str(ds.PhotometricInterpretation).strip()
+    bits = int(ds.BitsStored)
+    offset = 2.0 ** (bits - 1) if int(ds.get("PixelRepresentation", 0)) == 1 else 0.0
+    values = (pixels.astype(np.float32) + offset) / float(2**bits - 1)
+    values = np.clip(values, 0.0, 1.0)
+    if photometric in _GREY_PHOTOMETRIC:
+        if values.ndim != 2:
+            raise ValueError(f"{path}: {photometric} frame has shape {pixels.shape}, expected (rows, columns)")
+        if photometric == "MONOCHROME1":
+            values = 1.0 - values
+        values = np.repeat(values[..., None], 3, axis=-1)
+    elif values.ndim != 3 or values.shape[-1] != 3:
+        raise ValueError(f"{path}: {photometric} frame has shape {pixels.shape}, expected (rows, columns, 3)")
+    return values.astype(np.float32)
+
+
+def _read_dicom(path: Path, frame: int) -> np.ndarray:
+    ds = _read_dicom_header(path)
+    _dicom_check_header(path, ds)
+    n_frames = _dicom_num_frames(path, ds)
+    if not 0 <= frame < n_frames:
+        raise ValueError(f"{path}: frame index {frame} out of range, the file holds {n_frames} frame(s)")
+    try:
+        pixels = pixel_array(path, index=frame)
+    except Exception as err:  # pydicom raises many exception types for damaged pixel data
+        raise ValueError(f"{path}: cannot decode pixel data of frame {frame} ({err})") from err
+    return _dicom_to_rgb(path, ds, pixels)
+
+
+def read_frame(path: str | os.PathLike, frame: int = 0) -> np.ndarray:
+    """Read one frame of a PNG / JPEG / DICOM file as RGB.
+
+    Args:
+        path: image file; DICOM is recognised by the suffix ``.dcm`` / ``.dicom``, anything else is read by PIL.
+        frame: frame index (only multi-frame DICOM holds more than frame 0).
+
+    Returns:
+        (H, W, 3) float32 array in [0, 1]. Grey images are repeated to 3 channels, alpha is dropped,
+        palettes are expanded, 16-bit PNGs are scaled by 65535, DICOM by ``2**BitsStored - 1``,
+        MONOCHROME1 is inverted and YBR_FULL / YBR_FULL_422 converted to RGB.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        ValueError: for a corrupt or truncated file, an out-of-range frame or an unsupported format.
+    """
+    path = Path(path)
+    _check_exists(path)
+    frame = int(frame)
+    return _read_dicom(path, frame) if _is_dicom(path) else _read_pil(path, frame)
+
+
+def iter_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
+    """Decode every frame of an image file once, in order (memory-efficient for long DICOM clips).
+
+    Args:
+        path: image file, as for :func:`read_frame`.
+
+    Yields:
+        (H, W, 3) float32 arrays in [0, 1], as :func:`read_frame` returns them.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        ValueError: for a corrupt or truncated file or an unsupported format.
+    """
+    path = Path(path)
+    _check_exists(path)
+    if not _is_dicom(path):
+        yield _read_pil(path, 0)
+        return
+    ds = _read_dicom_header(path)
+    _dicom_check_header(path, ds)
+    n_frames = _dicom_num_frames(path, ds)
+    frames = iter_pixels(path)
+    try:
+        for index in range(n_frames):
+            try:
+                pixels = next(frames)
+            except StopIteration as err:
+                raise ValueError(f"{path}: pixel data ends before frame {index} of {n_frames}") from err
+            except Exception as err:  # pydicom raises many exception types for damaged pixel data
+                raise ValueError(f"{path}: cannot decode pixel data of frame {index} ({err})") from err
+            yield _dicom_to_rgb(path, ds, pixels)
+    finally:
+        frames.close()
+
+
+def count_frames(path: str | os.PathLike) -> int:
+    """Number of frames of an image file, reading only its header.
+
+    Args:
+        path: image file, as for :func:`read_frame`.
+
+    Returns:
+        1 for PNG / JPEG, ``NumberOfFrames`` (default 1) for DICOM.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        ValueError: when the header cannot be read.
+    """
+    path = Path(path)
+    _check_exists(path)
+    if _is_dicom(path):
+        return _dicom_num_frames(path, _read_dicom_header(path))
+    try:
+        with Image.open(path):
+            return 1
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"{path}: cannot read image header ({err})") from err
+
+
+def read_label_map(path: str | os.PathLike) -> np.ndarray:
+    """Read a 2D integer label map from a PNG (via PIL) or NIfTI file (via nibabel, array stored as-is).
+
+    Args:
+        path: ``.png`` (mode 1 / L / P / I;16 / I, palette indices are kept) or ``.nii`` / ``.nii.gz`` file.
+
+    Returns:
+        (H, W) int64 array.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        ValueError: when the file cannot be decoded, is not 2D single-channel, or holds non-integer values.
+    """
+    path = Path(path)
+    _check_exists(path)
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        try:
+            values = np.asanyarray(nib.load(path).dataobj)
+        except Exception as err:  # nibabel raises many exception types for damaged files
+            raise ValueError(f"{path}: cannot read NIfTI label map ({err})") from err
+        while values.ndim > 2 and values.shape[-1] == 1:
+            values = values[..., 0]
+    else:
+        try:
+            with Image.open(path) as img:
+                img.load()
+                if img.mode not in ("1", "L", "P", *_PIL_16BIT_MODES):
+                    raise ValueError(
+                        f"{path}: label map must be single-channel (mode 1/L/P/I;16/I), got mode {img.mode}"
+                    )
+                values = np.asarray(img)
+        except (UnidentifiedImageError, OSError, SyntaxError) as err:
+            raise ValueError(f"{path}: cannot decode label map ({err})") from err
+    if values.ndim != 2:
+        raise ValueError(f"{path}: label map must be 2D (H, W), got shape {values.shape}")
+    if not (np.issubdtype(values.dtype, np.integer) or values.dtype == bool):
+        if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
+            raise ValueError(f"{path}: label map holds non-integer values (dtype {values.dtype})")
+    return values.astype(np.int64)
+
+
+class LoadFramed(MapTransform):
+    """Load image files (PNG / JPEG / DICOM frame) named in the data dict as (3, H, W) float32 RGB tensors.
+
+    The source path is kept in ``d[key + path_key_postfix]`` and the frame index in ``d[frame_key]``.
+
+    Args:
+        keys: keys of the image paths to load.
+        frame_key: key of the frame index (read when present, 0 otherwise; always written).
+        path_key_postfix: postfix of the key that receives the source path string.
+        allow_missing_keys: don't raise when a key is missing.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("image",),
+        frame_key: str = "frame",
+        path_key_postfix: str = "_path",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.frame_key = frame_key
+        self.path_key_postfix = path_key_postfix
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        frame = int(d.get(self.frame_key, 0))
+        for key in self.key_iterator(d):
+            path = str(d[key])
+            d[key] = torch.from_numpy(np.ascontiguousarray(read_frame(path, frame).transpose(2, 0, 1)))
+            d[f"{key}{self.path_key_postfix}"] = path
+        d[self.frame_key] = frame
+        return d
+
+
+class LoadLabelMapd(MapTransform):
+    """Load label maps (PNG / NIfTI) named in the data dict as (1, H, W) int64 tensors.
+
+    The label map must have the spatial size of the already loaded reference image.
+
+    Args:
+        keys: keys of the label map paths; missing keys are left absent by default.
+        reference_key: key of the loaded (C, H, W) reference image.
+        allow_missing_keys: don't raise when a key is missing.
+        path_key_postfix: postfix of the key holding the reference image's source path (as written by
+            :class:`LoadFramed`), used in error messages.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("label_map",),
+        reference_key: str = "image",
+        allow_missing_keys: bool = True,
+        path_key_postfix: str = "_path",
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.reference_key = reference_key
+        self.path_key_postfix = path_key_postfix
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = str(d[key])
+            reference = d.get(self.reference_key)
+            if not isinstance(reference, (torch.Tensor, np.ndarray)) or reference.ndim != 3:
+                raise ValueError(
+                    f"{path}: reference '{self.reference_key}' must be loaded as a (C, H, W) image "
+                    "before its label map (put LoadFramed first)"
+                )
+            values = read_label_map(path)
+            if tuple(values.shape) != tuple(reference.shape[1:]):
+                reference_path = d.get(f"{self.reference_key}{self.path_key_postfix}", "(unknown file)")
+                raise ValueError(
+                    f"{path}: label map of size {tuple(values.shape)} does not match image {reference_path} "
+                    f"of size {tuple(reference.shape[1:])}"
+                )
+            d[key] = torch.from_numpy(values[None])
+        return d
+

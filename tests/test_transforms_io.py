@@ -1,0 +1,314 @@
+"""Tests for medgain.transforms: frame / label-map loading and LabelMapToMaskd."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Compose, RandFlipd, RandRotate90d
+from PIL import Image
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import convert_color_space
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
+from torch.utils.data import DataLoader
+
+from medgain.transforms import (
+    LabelMapToMaskd,
+    LoadFramed,
+    LoadLabelMapd,
+    count_frames,
+    iter_frames,
+    read_frame,
+    read_label_map,
+)
+
+RNG = np.random.default_rng(0)
+RGB8 = RNG.integers(0, 256, (4, 5, 3), dtype=np.uint8)
+GREY8 = RNG.integers(0, 256, (4, 5), dtype=np.uint8)
+
+
+def write_dicom(path: Path, arr: np.ndarray, photometric: str, bits_stored: int) -> Path:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.set_pixel_data(arr, photometric, bits_stored)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def grey3(values: np.ndarray) -> np.ndarray:
+    return np.repeat(values[..., None], 3, axis=-1).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "mode, array, expected",
+    [
+        ("RGB", RGB8, RGB8 / 255.0),
+        ("L", GREY8, grey3(GREY8 / 255.0)),
+        ("RGBA", np.dstack([RGB8, np.zeros((4, 5), np.uint8)]), RGB8 / 255.0),
+        ("LA", np.dstack([GREY8, np.full((4, 5), 7, np.uint8)]), grey3(GREY8 / 255.0)),
+        ("I;16", (GREY8.astype(np.uint16) * 257), grey3(GREY8 / 255.0)),
+    ],
+)
+def test_png_modes(tmp_path, mode, array, expected):
+    path = tmp_path / "x.png"
+    Image.fromarray(array).save(path)
+    with Image.open(path) as img:
+        assert img.mode == mode
+    out = read_frame(path)
+    assert out.shape == (4, 5, 3) and out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_png_palette(tmp_path):
+    path = tmp_path / "p.png"
+    img = Image.fromarray(np.array([[0, 1], [1, 2]], np.uint8), "P")
+    img.putpalette([0, 0, 0, 255, 0, 0, 0, 51, 255])
+    img.info["transparency"] = 0
+    img.save(path)
+    expected = np.array([[[0, 0, 0], [1, 0, 0]], [[1, 0, 0], [0, 0.2, 1]]], np.float32)
+    np.testing.assert_allclose(read_frame(path), expected, atol=1e-6)
+
+
+def test_pil_mode_i_scaled_as_16_bit(tmp_path):
+    path = tmp_path / "i.tif"
+    Image.fromarray(np.array([[0, 65535]], np.int32), "I").save(path)
+    np.testing.assert_allclose(read_frame(path)[..., 1], [[0.0, 1.0]], atol=1e-6)
+
+
+def test_jpeg(tmp_path):
+    path = tmp_path / "x.jpg"
+    Image.fromarray(np.full((8, 8, 3), (200, 100, 50), np.uint8)).save(path, quality=95)
+    np.testing.assert_allclose(read_frame(path), np.full((8, 8, 3), (200, 100, 50)) / 255.0, atol=4 / 255)
+
+
+def test_dicom_rgb_grey_and_ybr(tmp_path):
+    np.testing.assert_allclose(read_frame(write_dicom(tmp_path / "rgb.dcm", RGB8, "RGB", 8)), RGB8 / 255.0)
+    mono2 = write_dicom(tmp_path / "m2.dcm", GREY8, "MONOCHROME2", 8)
+    np.testing.assert_allclose(read_frame(mono2), grey3(GREY8 / 255.0), atol=1e-6)
+    mono1 = write_dicom(tmp_path / "m1.dcm", GREY8, "MONOCHROME1", 8)
+    np.testing.assert_allclose(read_frame(mono1), grey3(1.0 - GREY8 / 255.0), atol=1e-6)
+    ybr = write_dicom(tmp_path / "ybr.dcm", convert_color_space(RGB8, "RGB", "YBR_FULL"), "YBR_FULL", 8)
+    np.testing.assert_allclose(read_frame(ybr), RGB8 / 255.0, atol=2 / 255)
+
+
+def test_dicom_jpeg_baseline_ybr_full_422_clip(tmp_path):
+    colours = [(200, 100, 50), (10, 200, 30)]
+    fragments = []
+    for colour in colours:
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((16, 16, 3), colour, np.uint8)).save(buffer, format="JPEG", quality=95)
+        fragments.append(buffer.getvalue())
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 16, 16, 2
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "YBR_FULL_422", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = encapsulate(fragments)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    path = tmp_path / "jpeg_clip.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    for frame, colour in enumerate(colours):
+        np.testing.assert_allclose(read_frame(path, frame), np.full((16, 16, 3), colour) / 255.0, atol=3 / 255)
+
+
+def test_dicom_16_bit_uses_bits_stored(tmp_path):
+    values = np.array([[0, 1000], [2048, 4095]], np.uint16)
+    path = write_dicom(tmp_path / "g12.dcm", values, "MONOCHROME2", 12)
+    np.testing.assert_allclose(read_frame(path), grey3(values / 4095.0), atol=1e-6)
+
+
+def test_dicom_multi_frame(tmp_path):
+    clip = RNG.integers(0, 256, (3, 4, 5, 3), dtype=np.uint8)
+    path = write_dicom(tmp_path / "clip.dcm", clip, "RGB", 8)
+    assert count_frames(path) == 3
+    np.testing.assert_allclose(read_frame(path, frame=2), clip[2] / 255.0)
+    np.testing.assert_allclose(read_frame(path, frame=1), clip[1] / 255.0)
+    frames = list(iter_frames(path))
+    assert len(frames) == 3
+    np.testing.assert_allclose(frames[0], clip[0] / 255.0)
+    d = LoadFramed()({"image": str(path), "frame": 1})
+    assert d["frame"] == 1 and d["image_path"] == str(path)
+    np.testing.assert_allclose(d["image"].numpy(), clip[1].transpose(2, 0, 1) / 255.0)
+
+
+def test_load_framed_output(tmp_path):
+    path = tmp_path / "a.png"
+    Image.fromarray(RGB8).save(path)
+    d = LoadFramed()({"image": str(path), "label": 1})
+    assert isinstance(d["image"], torch.Tensor) and d["image"].dtype == torch.float32
+    assert tuple(d["image"].shape) == (3, 4, 5)
+    assert d["frame"] == 0 and d["image_path"] == str(path) and d["label"] == 1
+    assert count_frames(path) == 1
+
+
+def test_corrupt_and_missing_files(tmp_path):
+    png = tmp_path / "bad.png"
+    Image.fromarray(RGB8).save(png)
+    png.write_bytes(png.read_bytes()[:-30])
+    with pytest.raises(ValueError, match=re.escape(str(png))):
+        read_frame(png)
+    with pytest.raises(ValueError, match="bad.png: cannot decode"):
+        LoadFramed()({"image": str(png)})
+
+    clip = write_dicom(tmp_path / "trunc.dcm", RNG.integers(0, 256, (3, 4, 5, 3), dtype=np.uint8), "RGB", 8)
+    clip.write_bytes(clip.read_bytes()[:-30])
+    with pytest.raises(ValueError, match=r"trunc\.dcm: cannot decode pixel data of frame 2"):
+        read_frame(clip, frame=2)
+    with pytest.raises(ValueError, match=r"trunc\.dcm: cannot decode pixel data of frame 2"):
+        list(iter_frames(clip))
+    header_only = write_dicom(tmp_path / "head.dcm", RGB8, "RGB", 8)
+    header_only.write_bytes(header_only.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"head\.dcm: DICOM header has no PhotometricInterpretation"):
+        read_frame(header_only)
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not a dicom file" * 10)
+    with pytest.raises(ValueError, match=r"junk\.dcm: cannot read DICOM header"):
+        count_frames(junk)
+
+    with pytest.raises(FileNotFoundError, match=r"nope\.png: file not found"):
+        read_frame(tmp_path / "nope.png")
+    with pytest.raises(FileNotFoundError, match=r"nope\.dcm"):
+        count_frames(tmp_path / "nope.dcm")
+
+
+def test_frame_out_of_range_and_unsupported_photometric(tmp_path):
+    clip = write_dicom(tmp_path / "clip.dcm", RNG.integers(0, 256, (2, 4, 5), dtype=np.uint8), "MONOCHROME2", 8)
+    with pytest.raises(ValueError, match=r"clip\.dcm: frame index 2 out of range, the file holds 2"):
+        read_frame(clip, frame=2)
+    png = tmp_path / "a.png"
+    Image.fromarray(RGB8).save(png)
+    with pytest.raises(ValueError, match=r"a\.png: frame index 1 out of range"):
+        LoadFramed()({"image": str(png), "frame": 1})
+    palette = write_dicom(tmp_path / "pal.dcm", GREY8, "MONOCHROME2", 8)
+    ds = dcmread(palette)
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    ds.save_as(palette)
+    with pytest.raises(ValueError, match=r"pal\.dcm: unsupported photometric interpretation 'PALETTE COLOR'"):
+        read_frame(palette)
+
+
+def _image_and_label(tmp_path: Path, label: np.ndarray, name: str = "a") -> tuple[str, str]:
+    image = tmp_path / f"{name}.png"
+    Image.fromarray(np.zeros((*label.shape, 3), np.uint8)).save(image)
+    label_path = tmp_path / f"{name}_label.png"
+    Image.fromarray(label.astype(np.uint8)).save(label_path)
+    return str(image), str(label_path)
+
+
+def test_load_label_map_png_and_nifti(tmp_path):
+    label = np.array([[0, 1, 2, 0], [0, 0, 1, 3], [0, 0, 0, 0]], np.uint8)
+    image, png = _image_and_label(tmp_path, label)
+    loader = Compose([LoadFramed(), LoadLabelMapd()])
+    d = loader({"image": image, "label_map": png})
+    assert d["label_map"].dtype == torch.int64 and tuple(d["label_map"].shape) == (1, 3, 4)
+    np.testing.assert_array_equal(d["label_map"][0].numpy(), label)
+
+    nifti = tmp_path / "a_label.nii.gz"
+    nib.save(nib.Nifti1Image(label.astype(np.int16), np.eye(4)), nifti)
+    np.testing.assert_array_equal(read_label_map(nifti), label)
+    d = loader({"image": image, "label_map": str(nifti)})
+    np.testing.assert_array_equal(d["label_map"][0].numpy(), label)
+
+    assert "label_map" not in loader({"image": image})
+
+
+def test_label_map_errors(tmp_path):
+    image, _ = _image_and_label(tmp_path, np.zeros((3, 4), np.uint8))
+    _, wrong = _image_and_label(tmp_path, np.zeros((4, 3), np.uint8), name="b")
+    d = LoadFramed()({"image": image, "label_map": wrong})
+    with pytest.raises(ValueError, match=r"b_label\.png.*size \(4, 3\).*a\.png.*size \(3, 4\)"):
+        LoadLabelMapd()(d)
+    rgb = tmp_path / "rgb_label.png"
+    Image.fromarray(RGB8).save(rgb)
+    with pytest.raises(ValueError, match=r"rgb_label\.png: label map must be single-channel"):
+        read_label_map(rgb)
+    floats = tmp_path / "f.nii"
+    nib.save(nib.Nifti1Image(np.full((3, 4), 0.5, np.float32), np.eye(4)), floats)
+    with pytest.raises(ValueError, match=r"f\.nii: label map holds non-integer values"):
+        read_label_map(floats)
+    with pytest.raises(ValueError, match="must be loaded"):
+        LoadLabelMapd()({"image": image, "label_map": wrong})
+
+
+@pytest.mark.parametrize(
+    "lesion_labels, expected",
+    [([1], [[0, 1, 0], [0, 1, 0]]), ([2], [[0, 0, 1], [0, 0, 0]]), ([1, 2], [[0, 1, 1], [0, 1, 0]])],
+)
+def test_label_map_to_mask_lesion_labels(lesion_labels, expected):
+    label_map = torch.tensor([[[0, 1, 2], [3, 1, 0]]])
+    d = LabelMapToMaskd(lesion_labels=lesion_labels)({"image": torch.zeros(3, 2, 3), "label_map": label_map})
+    assert "label_map" not in d and d["has_mask"] is True
+    assert d["mask"].dtype == torch.float32
+    np.testing.assert_array_equal(d["mask"][0].numpy(), expected)
+
+
+def test_label_map_to_mask_absent_and_budgeted():
+    transform = LabelMapToMaskd()
+    d = transform({"image": torch.zeros(3, 2, 3)})
+    assert d["has_mask"] is False and tuple(d["mask"].shape) == (1, 2, 3) and not d["mask"].any()
+    d = transform({"image": torch.zeros(3, 2, 3), "label_map": torch.ones(1, 2, 3), "has_mask": False})
+    assert d["has_mask"] is False and not d["mask"].any() and "label_map" not in d
+    with pytest.raises(ValueError, match="lesion_labels must be a non-empty list of integers"):
+        LabelMapToMaskd(lesion_labels=[])
+    with pytest.raises(ValueError, match="does not match the image"):
+        transform({"image": torch.zeros(3, 2, 3), "label_map": torch.ones(1, 3, 2)})
+
+
+def test_batches_with_and_without_masks_collate(tmp_path):
+    label = np.zeros((3, 4), np.uint8)
+    label[1, 2] = 1
+    image, label_path = _image_and_label(tmp_path, label)
+    pipeline = Compose([LoadFramed(), LoadLabelMapd(), LabelMapToMaskd()])
+    items = [pipeline({"image": image, "label_map": label_path, "label": 1}), pipeline({"image": image, "label": 0})]
+    batch = next(iter(DataLoader(items, batch_size=2)))
+    assert tuple(batch["mask"].shape) == (2, 1, 3, 4)
+    assert batch["has_mask"].tolist() == [True, False]
+    assert batch["mask"][0, 0, 1, 2] == 1 and batch["mask"].sum() == 1
+
+
+def test_joint_augmentation_keeps_mask_aligned(tmp_path):
+    pixels = np.zeros((6, 8, 3), np.uint8)
+    label = np.zeros((6, 8), np.uint8)
+    pixels[0:2, 5:8, 0] = 255  # red lesion in the top-right corner
+    label[0:2, 5:8] = 1
+    image = tmp_path / "img.png"
+    Image.fromarray(pixels).save(image)
+    label_path = tmp_path / "lab.png"
+    Image.fromarray(label).save(label_path)
+    pipeline = Compose(
+        [
+            LoadFramed(),
+            LoadLabelMapd(),
+            LabelMapToMaskd(),
+            RandFlipd(keys=["image", "mask"], prob=0.5, spatial_axis=0),
+            RandFlipd(keys=["image", "mask"], prob=0.5, spatial_axis=1),
+            RandRotate90d(keys=["image", "mask"], prob=0.75, max_k=3),
+        ]
+    )
+    pipeline.set_random_state(seed=3)
+    layouts = set()
+    for _ in range(12):
+        d = pipeline({"image": str(image), "label_map": str(label_path)})
+        lesion = torch.as_tensor(d["image"][0]) > 0.5
+        assert torch.equal(lesion, torch.as_tensor(d["mask"][0]) > 0.5)
+        assert int(lesion.sum()) == 6
+        layouts.add(tuple(lesion.flatten().tolist()))
+    assert len(layouts) > 2  # the augmentations really moved the lesion
