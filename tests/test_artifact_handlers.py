@@ -28,7 +28,9 @@ from medgain.handlers.cam_inferer import GradCamInferer
 from medgain.handlers.heatmap_writer import HeatmapWriter
 from medgain.handlers.metrics_json import MetricsJSONWriter
 from medgain.handlers.prediction_writer import PredictionCSVWriter
-from medgain.handlers.roc_plot import ROCCurveSaver, operating_point, roc_curve
+from medgain.handlers.roc_plot import ROCCurveSaver
+from medgain.handlers.utils import attach_once
+from medgain.metrics import operating_point, roc_curve, tpr_at_fpr
 from medgain.metrics.scores import positive_probability
 from medgain.visualize import cam_overlay, colorize, to_display_rgb
 
@@ -172,8 +174,24 @@ def test_roc_curve_is_the_exact_step_function() -> None:
         predicted = scores >= p_thr
         assert p_fpr <= max_fpr and p_fpr == predicted[labels == 0].mean() and p_tpr == predicted[labels == 1].mean()
         assert p_tpr == sk_tpr[sk_fpr <= max_fpr].max()
+        assert tpr_at_fpr(scores, labels, max_fpr) == (p_tpr, p_thr)
     with pytest.raises(ValueError, match="both classes"):
         roc_curve(scores[labels == 1], labels[labels == 1])
+    with pytest.raises(ValueError, match=r"roc_curve: labels must be 0 or 1, found \[2\]"):
+        roc_curve(np.array([0.2, 0.7]), np.array([0, 2]))
+    with pytest.raises(ValueError, match="roc_curve: 1 scores are NaN or infinite"):
+        roc_curve(np.array([0.2, np.inf]), np.array([0, 1]))
+    with pytest.raises(ValueError, match="roc_curve: 3 scores but 2 labels"):
+        roc_curve(np.array([0.2, 0.3, 0.4]), np.array([0, 1]))
+
+
+def test_attach_once_adds_each_handler_once() -> None:
+    calls: list[Engine] = []
+    engine = Engine(lambda e, batch: batch)
+    for _ in range(2):  # a fresh bound method each time, as with a handler's self.write
+        attach_once(engine, [(Events.ITERATION_COMPLETED, calls.append), (Events.COMPLETED, calls.append)])
+    engine.run([1, 2, 3], max_epochs=1)
+    assert len(calls) == 4
 
 
 def test_roc_curve_saver_writes_plot_and_table(tmp_path: Path, tracking_uri: str) -> None:

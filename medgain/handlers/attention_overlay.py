@@ -6,12 +6,10 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from matplotlib.figure import Figure
 
 from medgain.attention import normalize_cam
-from medgain.handlers.metrics_json import log_artifact
-from medgain.handlers.prediction_writer import batch_has, require_keys
+from medgain.handlers.utils import attach_once, batch_has, class_indices, log_artifact, require_keys
 from medgain.metrics.scores import binary_labels, positive_probability, stack_output
 from medgain.visualize import cam_overlay, to_display_rgb
 
@@ -20,12 +18,6 @@ if TYPE_CHECKING:
     from monai.handlers import MLFlowHandler
 
 __all__ = ["AttentionOverlaySaver"]
-
-
-def _class_indices(labels: torch.Tensor) -> torch.Tensor:
-    """(B,) class indices from (B,), (B, 1) or one-hot (B, C) labels."""
-    labels = labels.reshape(labels.shape[0], -1)
-    return labels.argmax(1) if labels.shape[1] > 1 else labels[:, 0]
 
 
 class AttentionOverlaySaver:
@@ -80,12 +72,14 @@ class AttentionOverlaySaver:
         """Select samples every iteration of ``engine`` and render them at the end of each round."""
         from ignite.engine import Events
 
-        if not engine.has_event_handler(self.reset, Events.EPOCH_STARTED):
-            engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
-        if not engine.has_event_handler(self, Events.ITERATION_COMPLETED):
-            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-        if not engine.has_event_handler(self.write, Events.EPOCH_COMPLETED):
-            engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+        attach_once(
+            engine,
+            [
+                (Events.EPOCH_STARTED, self.reset),
+                (Events.ITERATION_COMPLETED, self),
+                (Events.EPOCH_COMPLETED, self.write),
+            ],
+        )
 
     def reset(self, engine: Engine | None = None) -> None:
         """Forget the samples of the previous round."""
@@ -104,7 +98,7 @@ class AttentionOverlaySaver:
         require_keys(output, ("image", "label", "pred", self.cam_key), "AttentionOverlaySaver (needs GradCamInferer)")
         image, label, pred, cam = stack_output(output, ("image", "label", "pred", self.cam_key))
         ill = binary_labels(label).tolist()
-        classes = _class_indices(label).tolist()
+        classes = class_indices(label).tolist()
         probability = positive_probability(pred).tolist()
         mask = stack_output(output, ("mask",))[0] if batch_has(output, "mask") else None
         has_mask = None

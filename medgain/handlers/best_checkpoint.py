@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from torch import nn
 
-from medgain.handlers.metrics_json import active_run_id, finite_or_none, log_artifact, metrics_as_floats
+from medgain.handlers.utils import active_run_id, attach_once, finite_or_none, log_artifact, metrics_as_floats
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -178,8 +178,7 @@ class BestModelSaver:
         """Judge the model at the end of every evaluation round of ``engine``."""
         from ignite.engine import Events
 
-        if not engine.has_event_handler(self, Events.EPOCH_COMPLETED):
-            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        attach_once(engine, [(Events.EPOCH_COMPLETED, self)])
 
     def __call__(self, engine: Engine) -> None:
         """Save the model when this round is the best so far."""

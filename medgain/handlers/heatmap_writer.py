@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from medgain.attention import normalize_cam
-from medgain.handlers.prediction_writer import require_keys, sample_ids
+from medgain.handlers.utils import attach_once, require_keys, sample_ids
 from medgain.metrics.scores import stack_output
 from medgain.visualize import cam_overlay
 
@@ -61,8 +61,7 @@ class HeatmapWriter:
         """Write the maps of every iteration of ``engine``."""
         from ignite.engine import Events
 
-        if not engine.has_event_handler(self, Events.ITERATION_COMPLETED):
-            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        attach_once(engine, [(Events.ITERATION_COMPLETED, self)])
 
     def file_stem(self, path: str) -> str:
         """Output stem of a source file, unique per (folder, stem) for the lifetime of the writer."""

@@ -1,66 +1,22 @@
-"""Evaluation metrics as a JSON file and MLflow metrics, plus the MLflow helpers of the artifact handlers."""
+"""Evaluation metrics as a JSON file and MLflow metrics."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import numpy as np
 from mlflow.entities import Metric
-from monai.utils import convert_to_numpy
+
+from medgain.handlers.utils import active_run_id, attach_once, finite_or_none, log_artifact, metrics_as_floats
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
     from monai.handlers import MLFlowHandler
 
-__all__ = ["MetricsJSONWriter", "active_run_id", "finite_or_none", "log_artifact", "metrics_as_floats"]
-
-
-def metrics_as_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """``engine.state.metrics`` as plain floats (NaN kept), keys sorted.
-
-    Raises:
-        TypeError: when a metric is not a scalar (e.g. a per-class tensor).
-    """
-    out = {}
-    for name in sorted(metrics):
-        value = np.asarray(convert_to_numpy(metrics[name]))
-        if value.size != 1 or value.dtype.kind not in "biuf":
-            raise TypeError(f"metric {name!r} is not a number: {type(metrics[name]).__name__} {value.shape}")
-        out[name] = float(value.reshape(()))
-    return out
-
-
-def finite_or_none(value: float) -> float | None:
-    """``value``, or None (JSON ``null``) when it is NaN or infinite."""
-    return value if math.isfinite(value) else None
-
-
-def active_run_id(mlflow_handler: MLFlowHandler) -> str:
-    """Id of the run a MONAI ``MLFlowHandler`` has started.
-
-    Raises:
-        RuntimeError: when the handler has no active run (it starts one at its engine's ``Events.STARTED``).
-    """
-    if mlflow_handler.cur_run is None:
-        raise RuntimeError(
-            "the MLFlowHandler has no active run: attach it to the trainer or evaluator (its run starts at "
-            "Events.STARTED) before artifacts are logged"
-        )
-    return mlflow_handler.cur_run.info.run_id
-
-
-def log_artifact(
-    mlflow_handler: MLFlowHandler | None, local_path: str | os.PathLike, artifact_path: str | None
-) -> None:
-    """Log a local file to the handler's MLflow run under ``artifact_path``; nothing when the handler is None."""
-    if mlflow_handler is not None:
-        mlflow_handler.client.log_artifact(active_run_id(mlflow_handler), os.fspath(local_path), artifact_path)
+__all__ = ["MetricsJSONWriter"]
 
 
 class MetricsJSONWriter:
@@ -85,8 +41,7 @@ class MetricsJSONWriter:
         """Write the metrics when ``engine`` completes."""
         from ignite.engine import Events
 
-        if not engine.has_event_handler(self, Events.COMPLETED):
-            engine.add_event_handler(Events.COMPLETED, self)
+        attach_once(engine, [(Events.COMPLETED, self)])
 
     def __call__(self, engine: Engine) -> None:
         """Write the JSON file and log to MLflow."""

@@ -4,69 +4,20 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from medgain.handlers.best_checkpoint import load_operating_point
-from medgain.handlers.metrics_json import log_artifact
+from medgain.handlers.utils import attach_once, batch_has, class_indices, log_artifact, require_keys, sample_ids
 from medgain.metrics.scores import positive_probability, stack_output
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
     from monai.handlers import MLFlowHandler
 
-__all__ = ["PredictionCSVWriter", "batch_has", "batch_strings", "require_keys", "sample_ids"]
-
-
-def batch_has(batch: Any, key: str) -> bool:
-    """Whether ``engine.state.batch`` / ``output`` (a collated dict or a decollated list of dicts) holds ``key``."""
-    if isinstance(batch, Mapping):
-        return batch.get(key) is not None
-    return bool(batch) and all(isinstance(item, Mapping) and item.get(key) is not None for item in batch)
-
-
-def require_keys(data: Any, keys: Sequence[str], owner: str) -> None:
-    """Check that an engine batch or output holds ``keys``.
-
-    Raises:
-        KeyError: naming ``owner``, the missing keys and the available ones.
-    """
-    missing = [key for key in keys if not batch_has(data, key)]
-    if missing:
-        first = data if isinstance(data, Mapping) else data[0] if data else {}
-        raise KeyError(f"{owner}: no {missing} in the engine data (available keys: {sorted(map(str, first))})")
-
-
-def batch_strings(batch: Any, key: str, owner: str = "batch_strings") -> list[str]:
-    """Per-sample strings (e.g. source paths) of ``key`` from a collated dict or a decollated list of dicts.
-
-    Raises:
-        KeyError: naming ``owner`` when the batch lacks ``key``.
-    """
-    require_keys(batch, (key,), owner)
-    values = batch[key] if isinstance(batch, Mapping) else [item[key] for item in batch]
-    return [values] if isinstance(values, str) else [str(v) for v in values]
-
-
-def sample_ids(batch: Any, path_key: str, frame_key: str, owner: str = "sample_ids") -> list[tuple[str, int]]:
-    """``(source file, frame index)`` of each sample of ``engine.state.batch``.
-
-    Raises:
-        KeyError: naming ``owner`` when the batch lacks ``path_key`` or ``frame_key`` (images not loaded by
-            ``LoadFramed``).
-        ValueError: when they hold different numbers of samples.
-    """
-    require_keys(batch, (path_key, frame_key), owner)
-    files = batch_strings(batch, path_key, owner)
-    frames = stack_output(batch, (frame_key,))[0].reshape(-1).tolist()
-    if len(files) != len(frames):
-        raise ValueError(
-            f"{owner}: the batch has {len(files)} {path_key!r} entries but {len(frames)} {frame_key!r} entries"
-        )
-    return [(f, int(i)) for f, i in zip(files, frames)]
+__all__ = ["PredictionCSVWriter"]
 
 
 class PredictionCSVWriter:
@@ -121,12 +72,10 @@ class PredictionCSVWriter:
         """Collect rows every iteration of ``engine`` and write them when it completes."""
         from ignite.engine import Events
 
-        if not engine.has_event_handler(self.start, Events.STARTED):
-            engine.add_event_handler(Events.STARTED, self.start)
-        if not engine.has_event_handler(self, Events.ITERATION_COMPLETED):
-            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-        if not engine.has_event_handler(self.write, Events.COMPLETED):
-            engine.add_event_handler(Events.COMPLETED, self.write)
+        attach_once(
+            engine,
+            [(Events.STARTED, self.start), (Events.ITERATION_COMPLETED, self), (Events.COMPLETED, self.write)],
+        )
 
     def start(self, engine: Engine | None = None) -> None:
         """Empty the rows and read the checkpoint's threshold.
@@ -153,9 +102,7 @@ class PredictionCSVWriter:
             raise ValueError(f"PredictionCSVWriter: {len(probabilities)} predictions for {len(ids)} batch entries")
         labels: list[int | None] = [None] * len(ids)
         if batch_has(batch, self.label_key):
-            raw = stack_output(batch, (self.label_key,))[0]
-            raw = raw.reshape(raw.shape[0], -1)
-            labels = (raw.argmax(1) if raw.shape[1] > 1 else raw[:, 0]).to(torch.int64).tolist()
+            labels = class_indices(stack_output(batch, (self.label_key,))[0]).to(torch.int64).tolist()
         for (path, frame), p, label in zip(ids, probabilities, labels):
             self.rows.append((path, frame, p, int(p >= self.threshold), label))  # type: ignore[operator]
 

@@ -9,71 +9,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
-from monai.utils import convert_to_numpy
 
-from medgain.handlers.metrics_json import log_artifact
+from medgain.handlers.utils import attach_once, log_artifact
+from medgain.metrics.roc import operating_point, roc_curve
 from medgain.metrics.scores import binary_labels, positive_probability, stack_output
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
     from monai.handlers import MLFlowHandler
 
-__all__ = ["ROCCurveSaver", "operating_point", "roc_curve"]
-
-
-def roc_curve(
-    scores: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The exact ROC step function of the data: one point per distinct score (ties form one threshold).
-
-    Args:
-        scores: (N,) finite scores, higher meaning "positive".
-        labels: (N,) ground truth, 1 = positive, 0 = negative; both classes must be present.
-
-    Returns:
-        ``(fpr, tpr, thresholds)``, each (K + 1,) for K distinct scores, thresholds decreasing from +inf (the
-        (0, 0) point); predicting positive when ``score >= thresholds[k]`` gives ``(fpr[k], tpr[k])``.
-
-    Raises:
-        ValueError: when the shapes differ, a score is not finite, a label is not 0/1 or a class is missing.
-    """
-    s = np.asarray(convert_to_numpy(scores), dtype=np.float64).reshape(-1)
-    y = np.asarray(convert_to_numpy(labels)).reshape(-1)
-    if s.shape != y.shape:
-        raise ValueError(f"roc_curve: {s.size} scores but {y.size} labels")
-    if not np.isfinite(s).all():
-        raise ValueError(f"roc_curve: {int((~np.isfinite(s)).sum())} scores are NaN or infinite")
-    bad = np.setdiff1d(np.unique(y), [0, 1])
-    if bad.size:
-        raise ValueError(f"roc_curve: labels must be 0 or 1, found {bad.tolist()}")
-    y = y.astype(np.float64)
-    n_pos = y.sum()
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"roc_curve: needs both classes, got {int(n_pos)} positive and {int(n_neg)} negative")
-    values, inverse = np.unique(s, return_inverse=True)
-    pos = np.bincount(inverse, weights=y, minlength=values.size)[::-1]
-    neg = np.bincount(inverse, weights=1.0 - y, minlength=values.size)[::-1]
-    tpr = np.concatenate(([0.0], np.cumsum(pos))) / n_pos
-    fpr = np.concatenate(([0.0], np.cumsum(neg))) / n_neg
-    return fpr, tpr, np.concatenate(([np.inf], values[::-1]))
-
-
-def operating_point(
-    fpr: np.ndarray, tpr: np.ndarray, thresholds: np.ndarray, max_fpr: float
-) -> tuple[float, float, float]:
-    """The point of a :func:`roc_curve` with the highest TPR at an FPR of at most ``max_fpr``.
-
-    Among the thresholds reaching that TPR the largest one (fewest false alarms) is taken.
-
-    Returns:
-        ``(fpr, tpr, threshold)`` of that point.
-    """
-    last = int(np.count_nonzero(fpr <= max_fpr)) - 1
-    first = int(np.searchsorted(tpr, tpr[last], side="left"))
-    return float(fpr[first]), float(tpr[first]), float(thresholds[first])
+__all__ = ["ROCCurveSaver"]
 
 
 class ROCCurveSaver:
@@ -118,12 +64,14 @@ class ROCCurveSaver:
         """Accumulate every iteration of ``engine`` and write the curve at the end of each round."""
         from ignite.engine import Events
 
-        if not engine.has_event_handler(self.reset, Events.EPOCH_STARTED):
-            engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
-        if not engine.has_event_handler(self, Events.ITERATION_COMPLETED):
-            engine.add_event_handler(Events.ITERATION_COMPLETED, self)
-        if not engine.has_event_handler(self.write, Events.EPOCH_COMPLETED):
-            engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+        attach_once(
+            engine,
+            [
+                (Events.EPOCH_STARTED, self.reset),
+                (Events.ITERATION_COMPLETED, self),
+                (Events.EPOCH_COMPLETED, self.write),
+            ],
+        )
 
     def reset(self, engine: Engine | None = None) -> None:
         """Forget the accumulated scores."""

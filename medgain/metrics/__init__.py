@@ -7,7 +7,7 @@ from medgain.metrics.localization import (
     attention_inputs,
     attention_iou,
 )
-from medgain.metrics.roc import TPRAtFPRMetric, scores_and_labels, tpr_at_fpr
+from medgain.metrics.roc import TPRAtFPRMetric, operating_point, roc_curve, scores_and_labels, tpr_at_fpr
 from medgain.metrics.scores import binary_labels, positive_probability, stack_output
 
 __all__ = [
@@ -18,7 +18,9 @@ __all__ = [
     "attention_inputs",
     "attention_iou",
     "binary_labels",
+    "operating_point",
     "positive_probability",
+    "roc_curve",
     "scores_and_labels",
     "stack_output",
     "tpr_at_fpr",

@@ -13,7 +13,79 @@ from monai.utils import convert_to_numpy
 
 from medgain.metrics.scores import binary_labels, positive_probability, stack_output
 
-__all__ = ["TPRAtFPRMetric", "scores_and_labels", "tpr_at_fpr"]
+__all__ = ["TPRAtFPRMetric", "operating_point", "roc_curve", "scores_and_labels", "tpr_at_fpr"]
+
+
+def _checked(
+    scores: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, caller: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores, labels)`` as flat float64 arrays after checking them, errors prefixed with ``caller``."""
+    s = np.asarray(convert_to_numpy(scores), dtype=np.float64).reshape(-1)
+    y = np.asarray(convert_to_numpy(labels)).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"{caller}: {s.size} scores but {y.size} labels")
+    if not np.isfinite(s).all():
+        raise ValueError(f"{caller}: {int((~np.isfinite(s)).sum())} scores are NaN or infinite")
+    bad = np.setdiff1d(np.unique(y), [0, 1])
+    if bad.size:
+        raise ValueError(f"{caller}: labels must be 0 or 1, found {bad.tolist()}")
+    return s, y.astype(np.float64)
+
+
+def _step_function(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`roc_curve` of checked scores and labels holding both classes."""
+    n_pos = y.sum()
+    values, inverse = np.unique(s, return_inverse=True)
+    # counts per distinct score, from the highest score (strictest threshold) down
+    pos = np.bincount(inverse, weights=y, minlength=values.size)[::-1]
+    neg = np.bincount(inverse, weights=1.0 - y, minlength=values.size)[::-1]
+    tpr = np.concatenate(([0.0], np.cumsum(pos))) / n_pos
+    fpr = np.concatenate(([0.0], np.cumsum(neg))) / (y.size - n_pos)
+    return fpr, tpr, np.concatenate(([np.inf], values[::-1]))
+
+
+def roc_curve(
+    scores: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The exact ROC step function of the data: one point per distinct score (ties form one threshold).
+
+    Args:
+        scores: (N,) finite scores, higher meaning "positive".
+        labels: (N,) ground truth, 1 = positive, 0 = negative; both classes must be present.
+
+    Returns:
+        ``(fpr, tpr, thresholds)``, each (K + 1,) for K distinct scores, thresholds decreasing from +inf (the
+        (0, 0) point); predicting positive when ``score >= thresholds[k]`` gives ``(fpr[k], tpr[k])``.
+
+    Raises:
+        ValueError: when the shapes differ, a score is not finite, a label is not 0/1 or a class is missing.
+    """
+    s, y = _checked(scores, labels, "roc_curve")
+    n_pos = int(y.sum())
+    if n_pos == 0 or n_pos == y.size:
+        raise ValueError(f"roc_curve: needs both classes, got {n_pos} positive and {y.size - n_pos} negative")
+    return _step_function(s, y)
+
+
+def operating_point(
+    fpr: np.ndarray, tpr: np.ndarray, thresholds: np.ndarray, max_fpr: float
+) -> tuple[float, float, float]:
+    """The point of a :func:`roc_curve` with the highest TPR at an FPR of at most ``max_fpr``.
+
+    Among the thresholds reaching that TPR the largest one (fewest false alarms) is taken.
+
+    Args:
+        fpr: (K + 1,) non-decreasing false-positive rates, starting at 0.
+        tpr: (K + 1,) matching non-decreasing true-positive rates.
+        thresholds: (K + 1,) matching decreasing thresholds.
+        max_fpr: the false-alarm budget in [0, 1].
+
+    Returns:
+        ``(fpr, tpr, threshold)`` of that point.
+    """
+    last = int(np.count_nonzero(fpr <= max_fpr)) - 1  # FPR is non-decreasing along the curve
+    first = int(np.searchsorted(tpr, tpr[last], side="left"))
+    return float(fpr[first]), float(tpr[first]), float(thresholds[first])
 
 
 def tpr_at_fpr(
@@ -21,9 +93,9 @@ def tpr_at_fpr(
 ) -> tuple[float, float]:
     """Highest true-positive rate whose false-positive rate is at most ``max_fpr``, and its threshold.
 
-    The ROC curve is the exact step function of the data: one point per distinct score (tied scores form a
-    single threshold) plus the (0, 0) point at threshold +inf. No fixed threshold grid is used, so rare
-    operating points such as FPR 0.05 % are found exactly.
+    The operating point (:func:`operating_point`) of the exact ROC step function (:func:`roc_curve`): one point
+    per distinct score (tied scores form a single threshold) plus the (0, 0) point at threshold +inf. No fixed
+    threshold grid is used, so rare operating points such as FPR 0.05 % are found exactly.
 
     Args:
         scores: (N,) scores, higher meaning "positive" (e.g. the probability of being ill).
@@ -41,35 +113,17 @@ def tpr_at_fpr(
     """
     if not 0.0 <= max_fpr <= 1.0:
         raise ValueError(f"tpr_at_fpr: max_fpr must be in [0, 1], got {max_fpr}")
-    s = np.asarray(convert_to_numpy(scores), dtype=np.float64).reshape(-1)
-    y = np.asarray(convert_to_numpy(labels)).reshape(-1)
-    if s.shape != y.shape:
-        raise ValueError(f"tpr_at_fpr: {s.size} scores but {y.size} labels")
-    if not np.isfinite(s).all():
-        raise ValueError(f"tpr_at_fpr: {int((~np.isfinite(s)).sum())} scores are NaN or infinite")
-    bad = np.setdiff1d(np.unique(y), [0, 1])
-    if bad.size:
-        raise ValueError(f"tpr_at_fpr: labels must be 0 or 1, found {bad.tolist()}")
-    y = y.astype(np.float64)
-    n_pos = y.sum()
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
+    s, y = _checked(scores, labels, "tpr_at_fpr")
+    n_pos = int(y.sum())
+    if n_pos == 0 or n_pos == y.size:
         warnings.warn(
-            f"tpr_at_fpr: {int(n_pos)} positive and {int(n_neg)} negative samples; TPR at FPR needs both "
+            f"tpr_at_fpr: {n_pos} positive and {y.size - n_pos} negative samples; TPR at FPR needs both "
             "classes, returning NaN.",
             stacklevel=2,
         )
         return math.nan, math.nan
-    values, inverse = np.unique(s, return_inverse=True)
-    # counts per distinct score, from the highest score (strictest threshold) down
-    pos = np.bincount(inverse, weights=y, minlength=values.size)[::-1]
-    neg = np.bincount(inverse, weights=1.0 - y, minlength=values.size)[::-1]
-    tps = np.concatenate(([0.0], np.cumsum(pos)))
-    fps = np.concatenate(([0.0], np.cumsum(neg)))
-    thresholds = np.concatenate(([np.inf], values[::-1]))
-    last = int(np.count_nonzero(fps / n_neg <= max_fpr)) - 1  # FPR is non-decreasing along the curve
-    first = int(np.searchsorted(tps, tps[last], side="left"))
-    return float(tps[last] / n_pos), float(thresholds[first])
+    _, tpr, threshold = operating_point(*_step_function(s, y), max_fpr)
+    return tpr, threshold
 
 
 def scores_and_labels(
