@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
+from monai.engines import SupervisedTrainer
+
+from medgain.handlers.gain import GAINHandler
 from torch import nn
 
 
@@ -44,3 +49,25 @@ def blob_batch(n: int, size: int = 16, seed: int = 0, pos_rate: float = 0.5) -> 
         masks[i, :, r : r + s, c : c + s] = 1.0
         images[i, 0, r : r + s, c : c + s] += 0.6
     return {"image": images, "label": labels, "mask": masks, "has_mask": labels.bool()}
+
+
+def gain_trainer(net: torch.nn.Module, batches: list[dict[str, Any]], loss: Any = None, **kw: Any) -> SupervisedTrainer:
+    """A MONAI SupervisedTrainer over in-memory batches (lr 0 by default: gradients stay inspectable)."""
+    return SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=kw.pop("max_epochs", 1),
+        train_data_loader=batches,
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=kw.pop("lr", 0.0)),
+        loss_function=loss or torch.nn.CrossEntropyLoss(),
+        decollate=False,
+        **kw,
+    )
+
+
+def run_gain_iteration(net: torch.nn.Module, batch: dict[str, Any], handler: GAINHandler, loss: Any = None) -> dict[str, Any]:
+    """One trainer iteration with ``handler`` attached; returns the engine output."""
+    trainer = gain_trainer(net, [batch], loss)
+    handler.attach(trainer)
+    trainer.run()
+    return trainer.state.output

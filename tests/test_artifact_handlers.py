@@ -256,13 +256,17 @@ def test_best_model_saver_keeps_the_best_round_and_registers_it(tmp_path: Path, 
     assert checkpoint["metrics"] == metrics[3]
     summary = json.loads((tmp_path / "ckpt" / "model_metrics.json").read_text())
     assert summary["epoch"] == 3 and summary["operating_point"]["threshold"] == 0.55
-    assert _artifacts(tracking_uri, ml, "checkpoint") == {"checkpoint/model.pt", "checkpoint/model_metrics.json"}
+    assert _artifacts(tracking_uri, ml, "checkpoint") == {f"checkpoint/epoch_00{e}" for e in (1, 2, 3)}
+    assert _artifacts(tracking_uri, ml, "checkpoint/epoch_003") == {
+        "checkpoint/epoch_003/model.pt", "checkpoint/epoch_003/model_metrics.json"
+    }
     client = mlflow.MlflowClient(tracking_uri)
     versions = sorted(client.search_model_versions("name='medgain-test-model'"), key=lambda v: int(v.version))
     assert [v.tags["epoch"] for v in versions] == ["1", "2", "3"]
-    assert versions[-1].run_id == ml.cur_run.info.run_id and versions[-1].source.endswith("/checkpoint/model.pt")
+    assert versions[-1].run_id == ml.cur_run.info.run_id
+    assert [v.source.rsplit("/checkpoint/", 1)[1] for v in versions] == [f"epoch_00{e}/model.pt" for e in (1, 2, 3)]
     assert versions[-1].tags["operating_point.threshold"] == "0.55"
-    downloaded = client.download_artifacts(ml.cur_run.info.run_id, "checkpoint/model.pt", str(tmp_path / "dl"))
+    downloaded = client.download_artifacts(ml.cur_run.info.run_id, "checkpoint/epoch_003/model.pt", str(tmp_path / "dl"))
     fresh = _net()
     assert load_model_weights(fresh, downloaded)["epoch"] == 3
     assert torch.equal(fresh.head[2].bias, torch.full((2,), 3.0))

@@ -11,33 +11,12 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TinyNet, blob_batch
-from monai.engines import SupervisedTrainer
+from conftest import TinyNet, blob_batch, gain_trainer, run_gain_iteration
 from torch.func import functional_call
 
 from medgain.attention import ActivationCapture, cam_from_activations, erase, normalize_cam, soft_mask, target_scores
 from medgain.handlers.gain import GAINHandler, _batchnorm_eval, gain_loss_terms
 from medgain.losses import extra_supervision_loss
-
-
-def _trainer(net: torch.nn.Module, batches: list[dict[str, Any]], loss: Any = None, **kw: Any) -> SupervisedTrainer:
-    return SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=kw.pop("max_epochs", 1),
-        train_data_loader=batches,
-        network=net,
-        optimizer=torch.optim.SGD(net.parameters(), lr=kw.pop("lr", 0.0)),
-        loss_function=loss or torch.nn.CrossEntropyLoss(),
-        decollate=False,
-        **kw,
-    )
-
-
-def _run_one(net: torch.nn.Module, batch: dict[str, Any], handler: GAINHandler, loss: Any = None) -> dict[str, Any]:
-    trainer = _trainer(net, [batch], loss)
-    handler.attach(trainer)
-    trainer.run()
-    return trainer.state.output
 
 
 def _manual_paths(net: TinyNet, batch: dict[str, Any], fill: float = 0.0) -> dict[str, dict[str, torch.Tensor]]:
@@ -72,7 +51,7 @@ def test_grad_magnitude_split_is_exact(m: float) -> None:
     net = TinyNet(num_classes=2)
     batch = blob_batch(8, seed=3)
     reference = _manual_paths(copy.deepcopy(net), batch)  # a copy: its forward updates BatchNorm statistics
-    _run_one(net, batch, GAINHandler("features.conv2", am_weight=1.0, ex_weight=0.0, grad_magnitude=m))
+    run_gain_iteration(net, batch, GAINHandler("features.conv2", am_weight=1.0, ex_weight=0.0, grad_magnitude=m))
     scale = 0.0 if math.isinf(m) else 1.0 / m
     for name, p in net.named_parameters():
         expected = reference["cl"][name] + reference["att"][name] + scale * reference["sec"][name]
@@ -89,7 +68,7 @@ def test_attention_mining_gradient_matches_finite_differences() -> None:
     batch["image"] = batch["image"].double()
     frozen = {k: p.detach().clone() for k, p in net.named_parameters()}
     handler = GAINHandler("features.conv2", ex_weight=0.0, grad_magnitude=math.inf, cam_weights_grad=True)
-    _run_one(net, batch, handler, loss=lambda p, t: p.sum() * 0.0)
+    run_gain_iteration(net, batch, handler, loss=lambda p, t: p.sum() * 0.0)
     net.features.bn.momentum = 0.0  # re-running the first pass below must not move the running statistics
 
     def l_am() -> float:
@@ -120,7 +99,7 @@ def test_attention_mining_gradient_matches_finite_differences() -> None:
 def test_loss_terms_added_and_reported(tiny_net: TinyNet) -> None:
     batch = blob_batch(8, seed=5)
     handler = GAINHandler("features.conv2", am_weight=2.0, ex_weight=3.0, area_weight=0.5, area_bounds=(0.0, 0.01))
-    out = _run_one(tiny_net, batch, handler)
+    out = run_gain_iteration(tiny_net, batch, handler)
     terms = gain_loss_terms(out)
     assert set(terms) == {"loss", "loss_cl", "loss_am", "loss_ex", "loss_area"}
     assert terms["loss_am"] > 0 and terms["loss_ex"] > 0 and terms["loss_area"] > 0
@@ -131,7 +110,7 @@ def test_loss_terms_added_and_reported(tiny_net: TinyNet) -> None:
 def test_extra_supervision_uses_only_masked_positives(tiny_net: TinyNet) -> None:
     batch = blob_batch(6, seed=2, pos_rate=1.0)
     batch["has_mask"] = torch.tensor([True, False, True, False, False, False])
-    out = _run_one(tiny_net, batch, GAINHandler("features.conv2", am_weight=0.0, ex_weight=1.0))
+    out = run_gain_iteration(tiny_net, batch, GAINHandler("features.conv2", am_weight=0.0, ex_weight=1.0))
     tiny_net.eval()
     with ActivationCapture(tiny_net.features.conv2) as cap:
         tiny_net.train()
@@ -145,7 +124,7 @@ def test_extra_supervision_uses_only_masked_positives(tiny_net: TinyNet) -> None
 def test_batch_with_exactly_one_positive_counts(tiny_net: TinyNet) -> None:
     batch = blob_batch(6, seed=4, pos_rate=0.0)
     batch["label"][2] = 1
-    out = _run_one(tiny_net, batch, GAINHandler("features.conv2", ex_weight=0.0))
+    out = run_gain_iteration(tiny_net, batch, GAINHandler("features.conv2", ex_weight=0.0))
     assert out["loss_am"].item() > 0
 
 
@@ -153,12 +132,12 @@ def test_batch_without_positives_or_masks(tiny_net: TinyNet, caplog: pytest.LogC
     batch = blob_batch(4, seed=4, pos_rate=0.0)
     del batch["mask"], batch["has_mask"]
     with caplog.at_level(logging.WARNING):
-        out = _run_one(tiny_net, batch, GAINHandler("features.conv2"))
+        out = run_gain_iteration(tiny_net, batch, GAINHandler("features.conv2"))
     assert out["loss_am"].item() == 0.0 and out["loss_ex"].item() == 0.0
     assert out["loss"].item() == pytest.approx(out["loss_cl"].item())
     assert "carry no 'mask'" in caplog.text
     # am_on_all mines the healthy class of negatives too
-    out = _run_one(tiny_net, batch, GAINHandler("features.conv2", am_on_all=True))
+    out = run_gain_iteration(tiny_net, batch, GAINHandler("features.conv2", am_on_all=True))
     assert out["loss_am"].item() > 0
 
 
@@ -166,13 +145,13 @@ def test_masks_of_the_wrong_size_are_a_clear_error(tiny_net: TinyNet) -> None:
     batch = blob_batch(4, seed=1)
     batch["mask"] = torch.zeros(4, 1, 8, 8)
     with pytest.raises(ValueError, match=r"'mask' has shape \(4, 1, 8, 8\) but the images are \(4, 3, 16, 16\)"):
-        _run_one(tiny_net, batch, GAINHandler("features.conv2"))
+        run_gain_iteration(tiny_net, batch, GAINHandler("features.conv2"))
 
 
 def test_warm_up_epochs(tiny_net: TinyNet) -> None:
     batch = blob_batch(8, seed=6)
     seen: list[tuple[float, float]] = []
-    trainer = _trainer(tiny_net, [batch], max_epochs=3)
+    trainer = gain_trainer(tiny_net, [batch], max_epochs=3)
     GAINHandler("features.conv2", am_start_epoch=1, ex_start_epoch=2).attach(trainer)
     from ignite.engine import Events
 
@@ -192,7 +171,7 @@ def test_batchnorm_statistics_not_polluted_by_erased_images() -> None:
     for freeze in (True, False):
         torch.manual_seed(0)
         net = TinyNet(num_classes=2)
-        _run_one(net, batch, GAINHandler("features.conv2", ex_weight=0.0, freeze_bn_on_erased=freeze))
+        run_gain_iteration(net, batch, GAINHandler("features.conv2", ex_weight=0.0, freeze_bn_on_erased=freeze))
         stats[freeze] = net.features.bn.running_mean.clone()
     torch.manual_seed(0)
     plain = TinyNet(num_classes=2)
@@ -212,7 +191,7 @@ def test_multilabel_per_label_batched_equals_one_pair_at_a_time() -> None:
     net = TinyNet(num_classes=3)
     net.features.bn = torch.nn.Identity()  # no batch coupling: batched and per-pair passes must agree exactly
     batch = _multilabel_batch()
-    out = _run_one(net, batch, GAINHandler("features.conv2", ex_weight=0.0, multilabel_mode="per_label"), torch.nn.BCEWithLogitsLoss())
+    out = run_gain_iteration(net, batch, GAINHandler("features.conv2", ex_weight=0.0, multilabel_mode="per_label"), torch.nn.BCEWithLogitsLoss())
     probs = []
     for i, row in enumerate(batch["label"]):
         for c in torch.nonzero(row)[:, 0].tolist():
@@ -222,7 +201,7 @@ def test_multilabel_per_label_batched_equals_one_pair_at_a_time() -> None:
             cam = normalize_cam(cam_from_activations(acts, logits[:, c], (16, 16)))
             probs.append(torch.sigmoid(net(erase(batch["image"][i : i + 1], soft_mask(cam)))[0, c]).item())
     assert out["loss_am"].item() == pytest.approx(sum(probs) / len(probs), rel=1e-5)
-    all_labels = _run_one(net, batch, GAINHandler("features.conv2", ex_weight=0.0, multilabel_mode="all_labels"), torch.nn.BCEWithLogitsLoss())
+    all_labels = run_gain_iteration(net, batch, GAINHandler("features.conv2", ex_weight=0.0, multilabel_mode="all_labels"), torch.nn.BCEWithLogitsLoss())
     assert 0 < all_labels["loss_am"].item() < 1
 
 
@@ -240,7 +219,7 @@ def test_distributed_data_parallel_gives_the_same_gradients() -> None:
     state = {k: v.clone() for k, v in net.state_dict().items()}
     batch = blob_batch(8, seed=9)
     handler_args = dict(target_layer="features.conv2", ex_weight=1.0, grad_magnitude=2.0)
-    _run_one(net, batch, GAINHandler(**handler_args))
+    run_gain_iteration(net, batch, GAINHandler(**handler_args))
     expected = {n: p.grad.clone() for n, p in net.named_parameters()}
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
@@ -248,11 +227,11 @@ def test_distributed_data_parallel_gives_the_same_gradients() -> None:
         inner = TinyNet(num_classes=2)
         inner.load_state_dict(state)
         ddp = torch.nn.parallel.DistributedDataParallel(inner)
-        _run_one(ddp, batch, GAINHandler(**handler_args))
+        run_gain_iteration(ddp, batch, GAINHandler(**handler_args))
         for n, p in inner.named_parameters():
             torch.testing.assert_close(p.grad, expected[n], rtol=1e-4, atol=1e-6, msg=n)
         # a further iteration raises if DDP's reducer was left waiting by the first one
-        out = _run_one(ddp, batch, GAINHandler(**handler_args))
+        out = run_gain_iteration(ddp, batch, GAINHandler(**handler_args))
         assert out["loss_am"].item() > 0
     finally:
         dist.destroy_process_group()

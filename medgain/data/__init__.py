@@ -1,6 +1,6 @@
 """medgain.data: datalists, synthetic data, sampling and the erase fill colour."""
 
-from medgain.data.capsule import prepare_items, write_errors_csv
+from medgain.data.capsule import check_study_splits, prepare_items, write_errors_csv
 from medgain.data.datalist import apply_mask_budget, expand_frames, load_datalist, scan_folder
 from medgain.data.fill_color import cached_fill_color
 from medgain.data.sampler import PositiveFractionBatchSampler
@@ -11,6 +11,7 @@ __all__ = [
     "PositiveFractionBatchSampler",
     "apply_mask_budget",
     "cached_fill_color",
+    "check_study_splits",
     "expand_frames",
     "load_datalist",
     "make_capsule_dataset",

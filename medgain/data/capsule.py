@@ -3,17 +3,39 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from medgain.data.datalist import apply_mask_budget, expand_frames, load_datalist
 
-__all__ = ["prepare_items", "write_errors_csv"]
+__all__ = ["check_study_splits", "prepare_items", "write_errors_csv"]
+
+
+def check_study_splits(datalist: str | os.PathLike, study_key: str = "study") -> None:
+    """Raise ValueError when a study (patient) appears in two splits of a datalist: its frames would leak
+    between training and evaluation. Items without ``study_key`` are not checked."""
+    content = json.loads(Path(datalist).read_text())
+    owner: dict[str, str] = {}
+    for split, items in content.items():
+        if not isinstance(items, list):
+            continue
+        for item in items:
+            study = item.get(study_key) if isinstance(item, dict) else None
+            if study is None:
+                continue
+            if owner.setdefault(str(study), split) != split:
+                raise ValueError(
+                    f"{datalist}: study {study!r} appears in both '{owner[str(study)]}' and '{split}'; "
+                    "frames of one study must stay in one split"
+                )
 
 
 def prepare_items(datalist: str | os.PathLike, split: str, masks_fraction: float = 1.0, seed: int = 0) -> list[dict]:
     """Items of one split, one per frame (multi-frame DICOM expanded), with ``has_mask`` from the mask budget.
+
+    The datalist is validated first (files exist, labels are integers, no study spans two splits).
 
     Args:
         datalist: MONAI datalist JSON; paths are relative to its folder.
@@ -21,7 +43,9 @@ def prepare_items(datalist: str | os.PathLike, split: str, masks_fraction: float
         masks_fraction: fraction of the positives with a label map that keep their mask (1.0, 0.1, 0.01 …).
         seed: seed of the mask-budget choice.
     """
-    return apply_mask_budget(expand_frames(load_datalist(datalist, split)), masks_fraction, seed)
+    items = load_datalist(datalist, split)
+    check_study_splits(datalist)
+    return apply_mask_budget(expand_frames(items), masks_fraction, seed)
 
 
 def write_errors_csv(errors: Sequence[dict], output_dir: str | os.PathLike, filename: str = "errors.csv") -> Path:

@@ -148,7 +148,7 @@ def apply_mask_budget(
 
 
 def scan_folder(
-    input_dir: str | os.PathLike, extensions: Sequence[str] = (".png", ".jpg", ".jpeg", ".dcm")
+    input_dir: str | os.PathLike, extensions: Sequence[str] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 ) -> tuple[list[dict], list[dict]]:
     """List the image frames under a folder for inference, probing every file by decoding it once.
 

@@ -6,10 +6,10 @@ from medgain.handlers.attention_overlay import AttentionOverlaySaver
 from medgain.handlers.auc import AUC
 from medgain.handlers.best_checkpoint import BestModelSaver, load_model_weights, load_operating_point
 from medgain.handlers.cam_inferer import GradCamInferer
+from medgain.handlers.failure import TrainingFailureHandler
 from medgain.handlers.gain import GAINHandler, gain_loss_terms
 from medgain.handlers.heatmap_writer import HeatmapWriter
 from medgain.handlers.metrics_json import MetricsJSONWriter
-from medgain.handlers.mlflow_run_status import MLflowRunStatus
 from medgain.handlers.prediction_writer import PredictionCSVWriter
 from medgain.handlers.resume import ResumeFromCheckpoint
 from medgain.handlers.roc_plot import ROCCurveSaver
@@ -24,12 +24,12 @@ __all__ = [
     "GAINHandler",
     "GradCamInferer",
     "HeatmapWriter",
-    "MLflowRunStatus",
     "MetricsJSONWriter",
     "PredictionCSVWriter",
     "ROCCurveSaver",
     "ResumeFromCheckpoint",
     "TPRAtFPR",
+    "TrainingFailureHandler",
     "gain_loss_terms",
     "load_model_weights",
     "load_operating_point",

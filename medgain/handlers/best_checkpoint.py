@@ -128,7 +128,7 @@ class BestModelSaver:
          "epoch": engine.state.epoch, "metrics": {every metric as float}}
 
     plus ``<filename stem>_metrics.json`` (epoch, operating point and metrics; NaN as null). With an MLflow
-    handler both files are logged under ``checkpoint/`` and, when ``registered_model_name`` is given, each new
+    handler both files are logged under ``checkpoint/epoch_XXX/`` and, when ``registered_model_name`` is given, each new
     best checkpoint becomes a new version of that registered model.
 
     Args:
@@ -141,6 +141,8 @@ class BestModelSaver:
         filename: checkpoint file name.
         mlflow_handler: the MONAI ``MLFlowHandler`` owning the run, or None to only write files.
         registered_model_name: name in the MLflow model registry, or None not to register.
+        resume: start from the metrics of an existing checkpoint at ``save_dir/filename`` (a resumed run then
+            only replaces it with a better model).
     """
 
     def __init__(
@@ -154,6 +156,7 @@ class BestModelSaver:
         filename: str = "model.pt",
         mlflow_handler: MLFlowHandler | None = None,
         registered_model_name: str | None = None,
+        resume: bool = False,
     ) -> None:
         if registered_model_name is not None and mlflow_handler is None:
             raise ValueError("BestModelSaver: registered_model_name needs an mlflow_handler")
@@ -168,6 +171,12 @@ class BestModelSaver:
         self.registered_model_name = registered_model_name
         self.best_key: tuple[tuple[int, float], ...] | None = None
         self.best_epoch: int | None = None
+        if resume and self.checkpoint_path.is_file():  # a resumed run must beat the best it already saved
+            saved = _load(self.checkpoint_path)
+            if isinstance(saved, Mapping) and isinstance(saved.get("metrics"), Mapping):
+                ranked = [self.metric] + ([self.tie_breaker] if self.tie_breaker else [])
+                self.best_key = tuple(_rank(float(saved["metrics"].get(n, math.nan))) for n in ranked)
+                self.best_epoch = int(saved.get("epoch", 0))
 
     @property
     def checkpoint_path(self) -> Path:
@@ -211,8 +220,9 @@ class BestModelSaver:
         summary_path = self.save_dir / f"{Path(self.filename).stem}_metrics.json"
         _atomic_write(self.checkpoint_path, lambda f: torch.save(checkpoint, f))
         _atomic_write(summary_path, lambda f: f.write(json.dumps(summary, indent=2, allow_nan=False).encode()))
-        log_artifact(self.mlflow_handler, self.checkpoint_path, "checkpoint")
-        log_artifact(self.mlflow_handler, summary_path, "checkpoint")
+        # one artifact folder per saved epoch, so that every registered version keeps its own weights
+        log_artifact(self.mlflow_handler, self.checkpoint_path, f"checkpoint/epoch_{epoch:03d}")
+        log_artifact(self.mlflow_handler, summary_path, f"checkpoint/epoch_{epoch:03d}")
         if self.registered_model_name is not None:
             self._register(point, epoch)
 
@@ -224,6 +234,6 @@ class BestModelSaver:
         except MlflowException as err:
             if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
-        source = f"{client.get_run(run_id).info.artifact_uri}/checkpoint/{self.filename}"
+        source = f"{client.get_run(run_id).info.artifact_uri}/checkpoint/epoch_{epoch:03d}/{self.filename}"
         tags = {"epoch": str(epoch), **{f"operating_point.{k}": str(v) for k, v in point.items()}}
         client.create_model_version(self.registered_model_name, source, run_id=run_id, tags=tags)

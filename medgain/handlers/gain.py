@@ -81,7 +81,7 @@ class GAINHandler:
     Labels: class indices (B,) or (B, 1) for single-label models (class 0 = healthy / negative); multi-hot
     (B, K) with ``multilabel_mode``. Masks come from the batch (``mask_key``, (B, 1, H, W) or (B, K, H, W) per
     label) and supervise the ground-truth-class attention of positive samples whose ``has_mask_key`` is true
-    (without a ``has_mask_key`` entry, a sample counts as masked when its mask has a foreground pixel). A batch
+    and whose mask is not empty (without a ``has_mask_key`` entry, a foreground pixel is enough). A batch
     without a mask key skips L_ex; a batch without positives skips positive-only L_am; both count as 0.
 
     Distributed training: the second forward calls the module inside the ``DistributedDataParallel`` wrapper
@@ -135,6 +135,7 @@ class GAINHandler:
     ) -> None:
         if multilabel_mode not in MULTILABEL_MODES:
             raise ValueError(f"multilabel_mode must be one of {MULTILABEL_MODES}, got {multilabel_mode!r}")
+        grad_magnitude = float(grad_magnitude)  # also accepts "inf" from a command line
         if not (grad_magnitude > 0):
             raise ValueError(f"grad_magnitude must be > 0 (inf switches the gradients off), got {grad_magnitude}")
         if area_weight > 0 and area_bounds is None:
@@ -309,7 +310,8 @@ class GAINHandler:
                     sample_mask = sample_mask.gather(1, classes.view(-1, 1, 1, 1).expand(-1, 1, *mask.shape[-2:]))
                 else:
                     sample_mask = sample_mask.amax(1, keepdim=True)
-            keep = has_mask[samples] & positive
+            # an empty mask on a positive would pull its attention to zero: such samples do not count
+            keep = has_mask[samples] & positive & (sample_mask.flatten(1).amax(1) > 0)
             if keep.any():
                 terms["loss_ex"] = extra_supervision_loss(cams[keep], sample_mask[keep])
         if am_on or area_on:

@@ -21,6 +21,7 @@ TARGET_LAYERS: dict[str, str] = {
     "resnet50": "layer4",
     "densenet121": "features",
     "efficientnet-b0": "features.8",
+    "small_cnn": "features.3",
 }
 
 
@@ -61,12 +62,30 @@ def _efficientnet_b0(num_classes: int, in_channels: int) -> nn.Module:
     return net
 
 
+def _small_cnn(num_classes: int, in_channels: int) -> nn.Module:
+    """Four conv-BN-ReLU blocks (32-64-128-128 channels, three halvings) and a linear head: a CPU-sized model
+    for demos, tests and small data sets."""
+
+    def block(cin: int, cout: int, pool: bool) -> nn.Sequential:
+        layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+        return nn.Sequential(*layers, *([nn.MaxPool2d(2)] if pool else []))
+
+    net = nn.Sequential()
+    net.add_module(
+        "features",
+        nn.Sequential(block(in_channels, 32, True), block(32, 64, True), block(64, 128, True), block(128, 128, False)),
+    )
+    net.add_module("head", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes)))
+    return net
+
+
 _BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
     "mobilenet_v2": _mobilenet_v2,
     "resnet18": _resnet(tvm.resnet18),
     "resnet50": _resnet(tvm.resnet50),
     "densenet121": _densenet121,
     "efficientnet-b0": _efficientnet_b0,
+    "small_cnn": _small_cnn,
 }
 
 
@@ -106,7 +125,8 @@ def build_classifier(
     """Build a registered classifier; its Grad-CAM layer is ``TARGET_LAYERS[name]``.
 
     Args:
-        name: one of ``TARGET_LAYERS`` (mobilenet_v2, resnet18, resnet50, densenet121, efficientnet-b0).
+        name: one of ``TARGET_LAYERS`` (mobilenet_v2, resnet18, resnet50, densenet121, efficientnet-b0,
+            small_cnn).
         num_classes: number of output logits (1 for a single-logit binary model).
         in_channels: input channels.
         pretrained_path: local state dict (e.g. ImageNet weights) loaded with ``weights_only=True``; tensors whose

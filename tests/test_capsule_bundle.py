@@ -1,0 +1,235 @@
+"""The capsule-endoscopy bundle end to end through ``python -m monai.bundle`` (tiny images, two epochs)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from medgain.data.synth_capsule import make_capsule_dataset
+from medgain.demo import CAPSULE_BUNDLE, bundle_run
+
+TINY = {"image_size": 64, "batch_size": 8, "num_workers": 0}
+CONFIGS = CAPSULE_BUNDLE / "configs"
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_capsule_dataset(
+        tmp_path_factory.mktemp("capsule") / "data", 90, seed=1, size=64, prevalence=0.3, frames_per_study=6
+    ).parent
+
+
+@pytest.fixture(scope="module")
+def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bundle_root")
+    bundle_run("training", ["train.yaml"], bundle_root=root, dataset_dir=dataset, max_epochs=2, **TINY)
+    return root
+
+
+def _client(root: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(f"sqlite:///{root / 'outputs' / 'mlflow.db'}")
+
+
+def _runs(root: Path, prefix: str) -> list:
+    client = _client(root)
+    experiment = client.get_experiment_by_name("capsule_endoscopy_gain")
+    return [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name.startswith(prefix)]
+
+
+def _artifacts(client: mlflow.MlflowClient, run_id: str, path: str | None = None) -> list[str]:
+    found = []
+    for entry in client.list_artifacts(run_id, path):
+        found += _artifacts(client, run_id, entry.path) if entry.is_dir else [entry.path]
+    return found
+
+
+def test_training_run_is_tracked_in_mlflow(trained: Path) -> None:
+    (run,) = _runs(trained, "train_")
+    client = _client(trained)
+    assert run.info.status == "FINISHED"
+    expected = {"loss", "loss_cl", "loss_am", "loss_ex", "loss_area", "val_auc", "val_tpr_at_fpr_0.0005",
+                "val_tpr_at_fpr_0.001", "val_iou", "val_attention_in_mask", "val_accuracy"}
+    assert expected <= set(run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")] == [1, 2]
+    assert len(client.get_metric_history(run.info.run_id, "loss_am")) > 2  # logged every iteration
+    for name in ("am_weight", "ex_weight", "grad_magnitude", "masks_fraction", "lesion_labels", "network"):
+        assert name in run.data.params
+    artifacts = _artifacts(client, run.info.run_id)
+    for expected_file in ("attention/epoch_001.png", "attention/epoch_002.png", "roc/roc_epoch_002.png",
+                          "checkpoint/epoch_001/model.pt"):
+        assert expected_file in artifacts
+    versions = client.search_model_versions("name='capsule_endoscopy_gain'")
+    assert versions and all(v.source.endswith(f"checkpoint/epoch_{int(v.tags['epoch']):03d}/model.pt") for v in versions)
+    best = torch.load(trained / "models" / "model.pt", weights_only=True)
+    assert set(best["operating_point"]) >= {"threshold", "max_fpr"} and best["operating_point"]["max_fpr"] == 0.001
+    assert (trained / "models" / "checkpoint_last.pt").is_file()
+
+
+def test_training_resumes_from_a_checkpoint(trained: Path, dataset: Path, tmp_path: Path) -> None:
+    root = tmp_path / "resumed"
+    shutil.copytree(trained, root)
+    last = root / "models" / "checkpoint_last.pt"
+    result = bundle_run(
+        "training", ["train.yaml"], bundle_root=root, dataset_dir=dataset, max_epochs=3, resume_from=last,
+        capture_output=True, **TINY,
+    )
+    assert "from iteration" in result.stdout + result.stderr
+    state = torch.load(last, weights_only=False)["trainer"]
+    assert state["iteration"] == 3 * state["epoch_length"]
+    newest = max(_runs(root, "train_"), key=lambda r: r.info.start_time)
+    history = _client(root).get_metric_history(newest.info.run_id, "val_auc")
+    assert [m.step for m in history] == [3]  # only the resumed epoch ran
+
+
+def test_evaluate_writes_metrics_roc_and_per_frame_csv(trained: Path, dataset: Path) -> None:
+    bundle_run("evaluate", ["train.yaml", "evaluate.yaml"], bundle_root=trained, dataset_dir=dataset, **TINY)
+    out = trained / "outputs" / "evaluation"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"test_auc", "test_tpr_at_fpr_0.001", "test_tpr_at_fpr_0.0005", "test_iou", "test_attention_in_mask"} <= set(metrics)
+    test_items = json.loads((dataset / "datalist.json").read_text())["test"]
+    with (out / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(test_items) and {"file", "frame", "probability", "decision", "label"} <= set(rows[0])
+    assert (out / "roc_epoch_001.png").is_file()
+    (run,) = _runs(trained, "evaluate_")
+    assert "test_auc" in run.data.metrics or math.isnan(metrics["test_auc"] or math.nan)
+    assert "metrics.json" in _artifacts(_client(trained), run.info.run_id)
+
+
+def _write_dicom_clip(path: Path, frames: np.ndarray) -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "ES"
+    ds.Rows, ds.Columns = frames.shape[1:3]
+    ds.NumberOfFrames = frames.shape[0]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = frames.astype(np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_inference_on_a_folder_with_clips_and_broken_files(trained: Path, dataset: Path, tmp_path: Path) -> None:
+    inputs = tmp_path / "inputs"
+    (inputs / "clips").mkdir(parents=True)
+    frames = sorted((dataset / "images").glob("*.png"))[:2]
+    for frame in frames:
+        shutil.copy(frame, inputs / frame.name)
+    clip = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in sorted((dataset / "images").glob("*.png"))[2:5]])
+    _write_dicom_clip(inputs / "clips" / "clip.dcm", clip)
+    (inputs / "broken.png").write_bytes(frames[0].read_bytes()[:60])
+    (inputs / "clips" / "truncated.dcm").write_bytes((inputs / "clips" / "clip.dcm").read_bytes()[:400])
+    out = tmp_path / "out"
+    bundle_run(
+        "inference", ["train.yaml", "inference.yaml"], bundle_root=trained, input_dir=inputs, output_dir=out,
+        ckpt_dir=trained / "models", **TINY,
+    )
+    with (out / "predictions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5
+    assert sorted(int(r["frame"]) for r in rows if r["file"].endswith("clip.dcm")) == [0, 1, 2]
+    threshold = torch.load(trained / "models" / "model.pt", weights_only=True)["operating_point"]["threshold"]
+    assert all(int(r["decision"]) == int(float(r["probability"]) >= threshold) for r in rows)
+    with (out / "errors.csv").open() as f:
+        errors = {Path(r["file"]).name: r["reason"] for r in csv.DictReader(f)}
+    assert set(errors) == {"broken.png", "truncated.dcm"} and all(errors.values())
+    assert len(list((out / "heatmaps").glob("*.png"))) == 5
+    heatmap = nib.load(next((out / "heatmaps").glob("*.nii.gz"))).get_fdata()
+    assert heatmap.shape == (64, 64) and 0.0 <= heatmap.min() and heatmap.max() <= 1.0
+
+
+def _broken_dataset(dataset: Path, tmp_path: Path, how: str) -> tuple[Path, str]:
+    """A copy of the data set with one training item broken; returns its folder and the offending file."""
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    datalist = json.loads((data / "datalist.json").read_text())
+    # image errors on a negative surface during training; a positive's files are read earlier, for the fill colour
+    item = next(i for i in datalist["training"] if i["label"] == (1 if how == "label_map_size" else 0))
+    image, label_map = data / item["image"], data / item["label_map"]
+    if how == "corrupt_png":
+        image.write_bytes(image.read_bytes()[:100])
+        bad = image
+    elif how == "missing_file":
+        image.unlink()
+        bad = image
+    elif how == "label_map_size":
+        Image.fromarray(np.zeros((10, 10), np.uint8)).save(label_map)
+        bad = label_map
+    else:  # truncated DICOM
+        bad = image.with_suffix(".dcm")
+        _write_dicom_clip(bad, np.asarray(Image.open(image).convert("RGB"))[None])
+        bad.write_bytes(bad.read_bytes()[:-500])
+        item["image"] = str(bad.relative_to(data))
+    (data / "datalist.json").write_text(json.dumps(datalist))
+    return data, str(bad)
+
+
+@pytest.mark.parametrize("how", ["corrupt_png", "truncated_dicom", "label_map_size", "missing_file"])
+def test_bad_input_is_a_clear_error_naming_the_file(dataset: Path, tmp_path: Path, how: str) -> None:
+    data, bad = _broken_dataset(dataset, tmp_path, how)
+    result = bundle_run(
+        "training", ["train.yaml"], bundle_root=tmp_path / "root", dataset_dir=data, max_epochs=1,
+        capture_output=True, check=False, **TINY,
+    )
+    assert result.returncode != 0
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if bad in line and "Error" in line]
+    assert errors, result.stderr[-3000:]
+    if how in ("corrupt_png", "truncated_dicom"):  # failed during training: the MLflow run says so
+        (run,) = _runs(tmp_path / "root", "train_")
+        assert run.info.status == "FAILED" and bad in run.data.tags["error"]
+
+
+def test_single_class_validation_gives_nan_with_a_warning(dataset: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(dataset, data)
+    datalist = json.loads((data / "datalist.json").read_text())
+    datalist["validation"] = [i for i in datalist["validation"] if i["label"] == 0]
+    (data / "datalist.json").write_text(json.dumps(datalist))
+    result = bundle_run(
+        "training", ["train.yaml"], bundle_root=tmp_path / "root", dataset_dir=data, max_epochs=2,
+        capture_output=True, **TINY,
+    )
+    assert "TPR at FPR needs both classes" in result.stdout + result.stderr
+    (run,) = _runs(tmp_path / "root", "train_")
+    assert run.info.status == "FINISHED"
+    assert math.isnan(run.data.metrics["val_tpr_at_fpr_0.001"]) and math.isnan(run.data.metrics["val_auc"])
+    assert (tmp_path / "root" / "models" / "model.pt").is_file()  # a checkpoint is kept all the same
+
+
+def test_verify_net_in_out_and_torchscript_export(trained: Path, tmp_path: Path) -> None:
+    common = ["--meta_file", str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "train.yaml"),
+              "--bundle_root", str(trained)]
+    subprocess.run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", *common], check=True)
+    exported = tmp_path / "model.ts"
+    subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(exported),
+         "--ckpt_file", str(trained / "models" / "model.pt"), "--key_in_ckpt", "model", *common],
+        check=True,
+    )
+    scripted = torch.jit.load(str(exported))
+    from medgain.handlers import load_model_weights
+    from medgain.networks import build_classifier
+
+    net = build_classifier("mobilenet_v2", 2).eval()
+    load_model_weights(net, trained / "models" / "model.pt")
+    x = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(scripted.eval()(x), net(x))
