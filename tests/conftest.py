@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from monai.engines import SupervisedTrainer
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from medgain.handlers.gain import GAINHandler
 from torch import nn
@@ -71,3 +76,18 @@ def run_gain_iteration(net: torch.nn.Module, batch: dict[str, Any], handler: GAI
     handler.attach(trainer)
     trainer.run()
     return trainer.state.output
+
+
+def write_dicom(path: Path, arr: np.ndarray, photometric: str = "RGB", bits_stored: int = 8) -> Path:
+    """Write ``arr`` ((frames,) rows, columns(, samples)) as an uncompressed DICOM file; returns the path."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.set_pixel_data(arr, photometric, bits_stored)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 import torch
 from conftest import TinyNet, blob_batch, run_gain_iteration
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.handlers import MLFlowHandler
 
 from medgain.data.capsule import check_study_splits

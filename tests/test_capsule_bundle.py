@@ -13,12 +13,10 @@ from pathlib import Path
 import mlflow
 import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
 import torch
+from conftest import write_dicom
 from PIL import Image
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from medgain.data.synth_capsule import make_capsule_dataset
 from medgain.demo import CAPSULE_BUNDLE, bundle_run
@@ -111,23 +109,6 @@ def test_evaluate_writes_metrics_roc_and_per_frame_csv(trained: Path, dataset: P
     assert "metrics.json" in _artifacts(_client(trained), run.info.run_id)
 
 
-def _write_dicom_clip(path: Path, frames: np.ndarray) -> None:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "ES"
-    ds.Rows, ds.Columns = frames.shape[1:3]
-    ds.NumberOfFrames = frames.shape[0]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = frames.astype(np.uint8).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-
-
 def test_inference_on_a_folder_with_clips_and_broken_files(trained: Path, dataset: Path, tmp_path: Path) -> None:
     inputs = tmp_path / "inputs"
     (inputs / "clips").mkdir(parents=True)
@@ -135,7 +116,7 @@ def test_inference_on_a_folder_with_clips_and_broken_files(trained: Path, datase
     for frame in frames:
         shutil.copy(frame, inputs / frame.name)
     clip = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in sorted((dataset / "images").glob("*.png"))[2:5]])
-    _write_dicom_clip(inputs / "clips" / "clip.dcm", clip)
+    write_dicom(inputs / "clips" / "clip.dcm", clip)
     (inputs / "broken.png").write_bytes(frames[0].read_bytes()[:60])
     (inputs / "clips" / "truncated.dcm").write_bytes((inputs / "clips" / "clip.dcm").read_bytes()[:400])
     out = tmp_path / "out"
@@ -176,7 +157,7 @@ def _broken_dataset(dataset: Path, tmp_path: Path, how: str) -> tuple[Path, str]
         bad = label_map
     else:  # truncated DICOM
         bad = image.with_suffix(".dcm")
-        _write_dicom_clip(bad, np.asarray(Image.open(image).convert("RGB"))[None])
+        write_dicom(bad, np.asarray(Image.open(image).convert("RGB"))[None])
         bad.write_bytes(bad.read_bytes()[:-500])
         item["image"] = str(bad.relative_to(data))
     (data / "datalist.json").write_text(json.dumps(datalist))

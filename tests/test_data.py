@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from conftest import write_dicom
 from torch.utils.data import DataLoader
 
 import medgain.transforms.io
@@ -28,16 +27,7 @@ def write_png(path: Path, arr: np.ndarray) -> Path:
 
 
 def write_clip(path: Path, n_frames: int) -> Path:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.set_pixel_data(np.zeros((n_frames, 4, 5, 3), np.uint8), "RGB", 8)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write_dicom(path, np.zeros((n_frames, 4, 5, 3), np.uint8))
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_deterministic(dataset: Path, tmp_path: Path) -> None:
-    again = make_capsule_dataset(tmp_path, **ARGS)
+    make_capsule_dataset(tmp_path, **ARGS)
     files = sorted(p.relative_to(dataset.parent) for p in dataset.parent.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     assert len(files) == 3 * ARGS["n_frames"] + 2

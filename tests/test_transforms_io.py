@@ -16,8 +16,9 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import convert_color_space
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
 from torch.utils.data import DataLoader
+from conftest import write_dicom
 
 from medgain.transforms import (
     LabelMapToMaskd,
@@ -32,19 +33,6 @@ from medgain.transforms import (
 RNG = np.random.default_rng(0)
 RGB8 = RNG.integers(0, 256, (4, 5, 3), dtype=np.uint8)
 GREY8 = RNG.integers(0, 256, (4, 5), dtype=np.uint8)
-
-
-def write_dicom(path: Path, arr: np.ndarray, photometric: str, bits_stored: int) -> Path:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.set_pixel_data(arr, photometric, bits_stored)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def grey3(values: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import torch
 from monai.metrics import CumulativeIterationMetric, compute_iou
 
 from medgain.attention import normalize_cam
-from medgain.metrics.scores import binary_labels, stack_output
+from medgain.metrics.scores import binary_labels, output_items, stack_output
 
 __all__ = [
     "AttentionIoUMetric",
@@ -95,14 +95,8 @@ def attention_inputs(
     Raises:
         KeyError: when the output lacks ``cam_key`` or ``label_key``.
     """
-    items = output if isinstance(output, list) else [output]
-    keys = set(items[0].keys()) if items else set()
-    missing = [k for k in (cam_key, label_key) if k not in keys]
-    if missing:
-        raise KeyError(
-            f"attention_inputs: engine output has no {missing} (available: {sorted(keys)}); use "
-            "medgain.handlers.cam_inferer.GradCamInferer as the evaluator's inferer and attach it"
-        )
+    hint = "; use medgain.handlers.cam_inferer.GradCamInferer as the evaluator's inferer and attach it"
+    items = output_items(output, (cam_key, label_key), "attention_inputs", hint)
     cam, labels = stack_output(output, (cam_key, label_key))
     include = binary_labels(labels).bool()
     if all(mask_key in item for item in items):

@@ -11,7 +11,7 @@ import torch
 from monai.metrics import CumulativeIterationMetric
 from monai.utils import convert_to_numpy
 
-from medgain.metrics.scores import binary_labels, positive_probability, stack_output
+from medgain.metrics.scores import binary_labels, output_items, positive_probability, stack_output
 
 __all__ = ["TPRAtFPRMetric", "operating_point", "roc_curve", "scores_and_labels", "tpr_at_fpr"]
 
@@ -139,11 +139,7 @@ def scores_and_labels(
     Raises:
         KeyError: when the output lacks ``pred_key`` or ``label_key``.
     """
-    items = output if isinstance(output, list) else [output]
-    keys = set(items[0].keys()) if items else set()
-    missing = [k for k in (pred_key, label_key) if k not in keys]
-    if missing:
-        raise KeyError(f"scores_and_labels: engine output has no {missing}; available keys: {sorted(keys)}")
+    output_items(output, (pred_key, label_key), "scores_and_labels")
     logits, labels = stack_output(output, (pred_key, label_key))
     return positive_probability(logits), binary_labels(labels)
 

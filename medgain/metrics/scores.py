@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["binary_labels", "positive_probability", "stack_output"]
+__all__ = ["binary_labels", "output_items", "positive_probability", "stack_output"]
 
 
 def positive_probability(logits: torch.Tensor) -> torch.Tensor:
@@ -34,3 +34,18 @@ def stack_output(output: Any, keys: Sequence[str]) -> list[torch.Tensor]:
     if isinstance(output, list):
         return [torch.stack([torch.as_tensor(item[k]) for item in output]) for k in keys]
     return [torch.as_tensor(output[k]) for k in keys]
+
+
+def output_items(output: Any, keys: Sequence[str], owner: str, hint: str = "") -> list[dict]:
+    """The per-sample view of an engine output (a dict of batches becomes a one-item list), after checking that
+    it holds ``keys``.
+
+    Raises:
+        KeyError: naming ``owner``, the missing keys, the available ones and ``hint``.
+    """
+    items = output if isinstance(output, list) else [output]
+    available = set(items[0].keys()) if items else set()
+    missing = [k for k in keys if k not in available]
+    if missing:
+        raise KeyError(f"{owner}: engine output has no {missing} (available: {sorted(available)}){hint}")
+    return items
