@@ -214,3 +214,20 @@ def test_verify_net_in_out_and_torchscript_export(trained: Path, tmp_path: Path)
     load_model_weights(net, trained / "models" / "model.pt")
     x = torch.rand(2, 3, 64, 64)
     torch.testing.assert_close(scripted.eval()(x), net(x))
+
+
+def test_multi_gpu_config_trains_with_two_processes(dataset: Path, tmp_path: Path) -> None:
+    """multi_gpu_train.yaml under torchrun; without CUDA the two ranks are CPU processes on gloo."""
+    root = tmp_path / "ddp"
+    configs = json.dumps([str(CONFIGS / "train.yaml"), str(CONFIGS / "multi_gpu_train.yaml")])
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+        "-m", "monai.bundle", "run", "training", "--bundle_root", str(root),
+        "--meta_file", str(CONFIGS / "metadata.json"), "--config_file", configs,
+        "--logging_file", str(CONFIGS / "logging.conf"), "--dataset_dir", str(dataset), "--max_epochs", "1",
+        *[arg for k, v in TINY.items() for arg in (f"--{k}", str(v))],
+    ]
+    subprocess.run(command, check=True, timeout=300)
+    (run,) = _runs(root, "train_")  # only rank 0 logs
+    assert run.info.status == "FINISHED" and "val_auc" in run.data.metrics
+    assert "module." not in next(iter(torch.load(root / "models" / "model.pt", weights_only=True)["model"]))
