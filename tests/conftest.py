@@ -78,15 +78,21 @@ def run_gain_iteration(net: torch.nn.Module, batch: dict[str, Any], handler: GAI
     return trainer.state.output
 
 
-def write_dicom(path: Path, arr: np.ndarray, photometric: str = "RGB", bits_stored: int = 8) -> Path:
-    """Write ``arr`` ((frames,) rows, columns(, samples)) as an uncompressed DICOM file; returns the path."""
+def dicom_dataset(transfer_syntax: str = ExplicitVRLittleEndian) -> Dataset:
+    """An empty Secondary Capture data set with its file meta, ready for pixel data."""
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
     ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    return ds
+
+
+def write_dicom(path: Path, arr: np.ndarray, photometric: str = "RGB", bits_stored: int = 8) -> Path:
+    """Write ``arr`` ((frames,) rows, columns(, samples)) as an uncompressed DICOM file; returns the path."""
+    ds = dicom_dataset()
     ds.set_pixel_data(arr, photometric, bits_stored)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)

@@ -77,3 +77,24 @@ def test_gain_options_from_a_command_line_and_empty_masks_skipped() -> None:
     batch["mask"][:] = 0.0  # positives flagged as masked but with empty masks contribute no extra supervision
     out = run_gain_iteration(TinyNet(num_classes=2), batch, GAINHandler("features.act2", am_weight=0.0))
     assert out["loss_ex"].item() == 0.0
+
+
+def test_classification_metric_set_names_and_key_metric() -> None:
+    from medgain.handlers import classification_metrics
+
+    key, extra = classification_metrics("test")
+    assert list(key) == ["test_tpr_at_fpr_0.001"]
+    assert set(extra) == {"test_tpr_at_fpr_0.0005", "test_auc", "test_iou", "test_attention_in_mask", "test_accuracy"}
+    key, extra = classification_metrics("val", "val_auc")
+    assert list(key) == ["val_auc"] and "val_tpr_at_fpr_0.001" in extra
+    with pytest.raises(ValueError, match="key_metric 'val_dice' is not one of"):
+        classification_metrics("val", "val_dice")
+
+
+def test_erase_fill_passes_explicit_colours_and_rejects_unknown_words(tmp_path: Path) -> None:
+    from medgain.data import erase_fill
+
+    assert erase_fill([0.1, 0.2, 0.3], [], tmp_path, [1]) == [0.1, 0.2, 0.3]
+    assert erase_fill(0.0, [], tmp_path, [1]) == 0.0
+    with pytest.raises(ValueError, match="fill must be 'auto'"):
+        erase_fill("mean", [], tmp_path, [1])

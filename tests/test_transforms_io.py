@@ -13,12 +13,11 @@ import torch
 from monai.transforms import Compose, RandFlipd, RandRotate90d
 from PIL import Image
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import convert_color_space
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGBaseline8Bit, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import JPEGBaseline8Bit
 from torch.utils.data import DataLoader
-from conftest import write_dicom
+from conftest import dicom_dataset, write_dicom
 
 from medgain.transforms import (
     LabelMapToMaskd,
@@ -98,13 +97,7 @@ def test_dicom_jpeg_baseline_ybr_full_422_clip(tmp_path):
         buffer = io.BytesIO()
         Image.fromarray(np.full((16, 16, 3), colour, np.uint8)).save(buffer, format="JPEG", quality=95)
         fragments.append(buffer.getvalue())
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds = dicom_dataset(JPEGBaseline8Bit)
     ds.Rows, ds.Columns, ds.NumberOfFrames = 16, 16, 2
     ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "YBR_FULL_422", 0
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0

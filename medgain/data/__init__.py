@@ -2,7 +2,7 @@
 
 from medgain.data.capsule import check_study_splits, prepare_items, write_errors_csv
 from medgain.data.datalist import apply_mask_budget, expand_frames, load_datalist, scan_folder
-from medgain.data.fill_color import cached_fill_color
+from medgain.data.fill_color import cached_fill_color, erase_fill
 from medgain.data.sampler import PositiveFractionBatchSampler
 from medgain.data.synth_capsule import LESION_KINDS, make_capsule_dataset
 
@@ -12,6 +12,7 @@ __all__ = [
     "apply_mask_budget",
     "cached_fill_color",
     "check_study_splits",
+    "erase_fill",
     "expand_frames",
     "load_datalist",
     "make_capsule_dataset",

@@ -14,7 +14,7 @@ from medgain.attention import mean_roi_color
 from medgain.transforms.io import LoadFramed, LoadLabelMapd
 from medgain.transforms.label_map import LabelMapToMaskd, as_label_tuple
 
-__all__ = ["cached_fill_color"]
+__all__ = ["cached_fill_color", "erase_fill"]
 
 
 def _apply(transforms: Sequence[MapTransform], item: dict) -> dict[Hashable, object]:
@@ -85,3 +85,15 @@ def cached_fill_color(
     partial.write_text(json.dumps({"fill_color": fill_color, "lesion_labels": list(labels), "n_items": len(selected)}))
     os.replace(partial, cache_file)
     return fill_color
+
+
+def erase_fill(
+    fill: str | float | Sequence[float], items: Sequence[dict], cache_dir: str | os.PathLike, lesion_labels: Sequence[int]
+) -> float | list[float]:
+    """The GAIN erase fill a config asks for: ``"auto"`` is the cached mean lesion colour of ``items``
+    (:func:`cached_fill_color`); a number or a per-channel colour is returned as given."""
+    if isinstance(fill, str):
+        if fill != "auto":
+            raise ValueError(f"fill must be 'auto', a number or a colour [r, g, b], got {fill!r}")
+        return cached_fill_color(items, cache_dir, lesion_labels)
+    return fill

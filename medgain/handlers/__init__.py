@@ -6,6 +6,7 @@ from medgain.handlers.attention_overlay import AttentionOverlaySaver
 from medgain.handlers.auc import AUC
 from medgain.handlers.best_checkpoint import BestModelSaver, load_model_weights, load_operating_point
 from medgain.handlers.cam_inferer import GradCamInferer
+from medgain.handlers.classification_metrics import classification_metrics
 from medgain.handlers.failure import TrainingFailureHandler
 from medgain.handlers.gain import GAINHandler, gain_loss_terms
 from medgain.handlers.heatmap_writer import HeatmapWriter
@@ -30,6 +31,7 @@ __all__ = [
     "ResumeFromCheckpoint",
     "TPRAtFPR",
     "TrainingFailureHandler",
+    "classification_metrics",
     "gain_loss_terms",
     "load_model_weights",
     "load_operating_point",

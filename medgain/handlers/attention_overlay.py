@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from matplotlib.figure import Figure
 
 from medgain.attention import normalize_cam
-from medgain.handlers.utils import attach_once, batch_has, class_indices, log_artifact, require_keys
+from medgain.handlers.utils import attach_per_round, batch_has, class_indices, log_artifact, require_keys
 from medgain.metrics.scores import binary_labels, positive_probability, stack_output
 from medgain.visualize import cam_overlay, to_display_rgb
 
@@ -70,16 +70,7 @@ class AttentionOverlaySaver:
 
     def attach(self, engine: Engine) -> None:
         """Select samples every iteration of ``engine`` and render them at the end of each round."""
-        from ignite.engine import Events
-
-        attach_once(
-            engine,
-            [
-                (Events.EPOCH_STARTED, self.reset),
-                (Events.ITERATION_COMPLETED, self),
-                (Events.EPOCH_COMPLETED, self.write),
-            ],
-        )
+        attach_per_round(engine, self)
 
     def reset(self, engine: Engine | None = None) -> None:
         """Forget the samples of the previous round."""

@@ -128,7 +128,7 @@ class BestModelSaver:
          "epoch": engine.state.epoch, "metrics": {every metric as float}}
 
     plus ``<filename stem>_metrics.json`` (epoch, operating point and metrics; NaN as null). With an MLflow
-    handler both files are logged under ``checkpoint/epoch_XXX/`` and, when ``registered_model_name`` is given, each new
+    handler both files are logged under ``checkpoint/epoch_<epoch>/`` and, when ``registered_model_name`` is given, each new
     best checkpoint becomes a new version of that registered model.
 
     Args:

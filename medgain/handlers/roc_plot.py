@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from matplotlib.figure import Figure
 
-from medgain.handlers.utils import attach_once, log_artifact
+from medgain.handlers.utils import attach_per_round, log_artifact
 from medgain.metrics.roc import operating_point, roc_curve
 from medgain.metrics.scores import binary_labels, positive_probability, stack_output
 
@@ -62,16 +62,7 @@ class ROCCurveSaver:
 
     def attach(self, engine: Engine) -> None:
         """Accumulate every iteration of ``engine`` and write the curve at the end of each round."""
-        from ignite.engine import Events
-
-        attach_once(
-            engine,
-            [
-                (Events.EPOCH_STARTED, self.reset),
-                (Events.ITERATION_COMPLETED, self),
-                (Events.EPOCH_COMPLETED, self.write),
-            ],
-        )
+        attach_per_round(engine, self)
 
     def reset(self, engine: Engine | None = None) -> None:
         """Forget the accumulated scores."""

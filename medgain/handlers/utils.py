@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "active_run_id",
     "attach_once",
+    "attach_per_round",
     "batch_has",
     "batch_strings",
     "class_indices",
@@ -41,6 +42,21 @@ def attach_once(engine: Engine, handlers: Sequence[tuple[Events, Callable]]) -> 
     for event, handler in handlers:
         if not engine.has_event_handler(handler, event):
             engine.add_event_handler(event, handler)
+
+
+def attach_per_round(engine: Engine, handler: Any) -> None:
+    """Wire a per-round collector: ``handler.reset`` at each epoch start, ``handler(engine)`` every iteration and
+    ``handler.write`` at each epoch end (one validation round of an evaluator)."""
+    from ignite.engine import Events
+
+    attach_once(
+        engine,
+        [
+            (Events.EPOCH_STARTED, handler.reset),
+            (Events.ITERATION_COMPLETED, handler),
+            (Events.EPOCH_COMPLETED, handler.write),
+        ],
+    )
 
 
 def metrics_as_floats(metrics: Mapping[str, Any]) -> dict[str, float]:

@@ -8,7 +8,7 @@ from medgain.metrics.localization import (
     attention_iou,
 )
 from medgain.metrics.roc import TPRAtFPRMetric, operating_point, roc_curve, scores_and_labels, tpr_at_fpr
-from medgain.metrics.scores import binary_labels, positive_probability, stack_output
+from medgain.metrics.scores import binary_labels, decisions_and_labels, positive_probability, stack_output
 
 __all__ = [
     "AttentionInMaskMetric",
@@ -18,6 +18,7 @@ __all__ = [
     "attention_inputs",
     "attention_iou",
     "binary_labels",
+    "decisions_and_labels",
     "operating_point",
     "positive_probability",
     "roc_curve",

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["binary_labels", "output_items", "positive_probability", "stack_output"]
+__all__ = ["binary_labels", "decisions_and_labels", "output_items", "positive_probability", "stack_output"]
 
 
 def positive_probability(logits: torch.Tensor) -> torch.Tensor:
@@ -49,3 +49,9 @@ def output_items(output: Any, keys: Sequence[str], owner: str, hint: str = "") -
     if missing:
         raise KeyError(f"{owner}: engine output has no {missing} (available: {sorted(available)}){hint}")
     return items
+
+
+def decisions_and_labels(output: Any, threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output transform for accuracy-type metrics: ``(ill decision at threshold (B,), ill/healthy label (B,))``."""
+    logits, labels = stack_output(output, ("pred", "label"))
+    return (positive_probability(logits) >= threshold).long(), binary_labels(labels)
