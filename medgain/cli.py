@@ -54,7 +54,7 @@ class _Fractions(argparse.Action):
 
 
 def _run_synth_capsule(args: argparse.Namespace) -> int:
-    from medgain.data.synth_capsule import make_capsule_dataset
+    from medgain.synth.capsule import make_capsule_dataset
 
     datalist_path = make_capsule_dataset(
         args.out,

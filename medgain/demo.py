@@ -74,7 +74,7 @@ def run_capsule_demo(
     Returns:
         the test metrics (``out/run/outputs/evaluation/metrics.json``) plus ``tracking_uri`` and the paths.
     """
-    from medgain.data.synth_capsule import make_capsule_dataset
+    from medgain.synth.capsule import make_capsule_dataset
 
     out = Path(out).resolve()
     datalist = make_capsule_dataset(out / "data", n_frames, seed=seed, size=frame_size, prevalence=0.3)

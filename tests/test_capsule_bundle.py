@@ -18,7 +18,7 @@ import torch
 from conftest import write_dicom
 from PIL import Image
 
-from medgain.data.synth_capsule import make_capsule_dataset
+from medgain.synth.capsule import make_capsule_dataset
 from medgain.demo import CAPSULE_BUNDLE, bundle_run
 
 TINY = {"image_size": 64, "batch_size": 8, "num_workers": 0}

@@ -15,7 +15,7 @@ from PIL import Image
 from scipy.ndimage import binary_dilation
 
 from medgain.cli import main
-from medgain.data.synth_capsule import LESION_KINDS, SPLITS, make_capsule_dataset, make_capsule_frame
+from medgain.synth.capsule import LESION_KINDS, SPLITS, make_capsule_dataset, make_capsule_frame
 
 ARGS = {"n_frames": 60, "seed": 3, "size": 64, "prevalence": 0.3, "frames_per_study": 5}
 

@@ -1,13 +1,11 @@
-"""medgain.data: datalists, synthetic data, sampling and the erase fill colour."""
+"""medgain.data: datalists, sampling and the erase fill colour."""
 
 from medgain.data.capsule import check_study_splits, prepare_items, write_errors_csv
 from medgain.data.datalist import apply_mask_budget, expand_frames, load_datalist, scan_folder
 from medgain.data.fill_color import cached_fill_color, erase_fill
 from medgain.data.sampler import PositiveFractionBatchSampler
-from medgain.data.synth_capsule import LESION_KINDS, make_capsule_dataset
 
 __all__ = [
-    "LESION_KINDS",
     "PositiveFractionBatchSampler",
     "apply_mask_budget",
     "cached_fill_color",
@@ -15,7 +13,6 @@ __all__ = [
     "erase_fill",
     "expand_frames",
     "load_datalist",
-    "make_capsule_dataset",
     "prepare_items",
     "scan_folder",
     "write_errors_csv",

@@ -631,7 +631,7 @@ def make_capsule_dataset(
 
     summary = {
         "name": "medgain synthetic capsule endoscopy",
-        "generator": "medgain.data.synth_capsule.make_capsule_dataset",
+        "generator": "medgain.synth.capsule.make_capsule_dataset",
         "seed": int(seed),
         "n_frames": int(n_frames),
         "size": int(size),
