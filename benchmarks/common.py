@@ -29,8 +29,11 @@ def machine(device: str) -> str:
     return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
-def alternate(candidates: dict[str, Callable[[], None]], rounds: int, device: str) -> dict[str, float]:
-    """Median seconds per call of each candidate, measured in alternation after one warm-up call each."""
+def alternate(
+    candidates: dict[str, Callable[[], None]], rounds: int, device: str, warm_up: bool = True
+) -> dict[str, float]:
+    """Median seconds per call of each candidate, measured in alternation after one warm-up call each (skipped
+    with ``warm_up=False``, for callers that warm up on a smaller input)."""
     def timed(fn: Callable[[], None]) -> float:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -40,7 +43,7 @@ def alternate(candidates: dict[str, Callable[[], None]], rounds: int, device: st
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    for fn in candidates.values():
+    for fn in candidates.values() if warm_up else ():
         fn()
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):

@@ -48,7 +48,8 @@ def resolve_layer(model: nn.Module, name: str) -> nn.Module:
 class ActivationCapture:
     """Forward hook that records a layer's output so that Grad-CAM can be taken from it.
 
-    The recorded tensor is the one the rest of the network consumes, so gradients taken w.r.t. it are exact.
+    The rest of the network consumes a copy of the recorded tensor (identity gradient), so gradients taken w.r.t.
+    it are exact even when a later op works in place.
     When nothing upstream requires gradients (frozen backbone, plain input) the output is made a leaf that
     does, so a cam can still be computed. Capturing can be switched off with ``enabled``.
 
@@ -79,7 +80,9 @@ class ActivationCapture:
         elif torch.is_grad_enabled() and not output.requires_grad:
             output = output.detach().requires_grad_(True)
         self.activations = output
-        return output
+        # the rest of the network consumes a copy, so that an in-place op after the layer (torchvision DenseNet's
+        # ``F.relu(features, inplace=True)``) neither modifies the recorded activations nor hits a leaf tensor
+        return output.clone() if output.requires_grad else output
 
     def pop(self) -> torch.Tensor | None:
         """Return the last recorded activations and forget them."""

@@ -10,6 +10,7 @@ calling it from :func:`build_parser`.  Commands import their heavy modules insid
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import subprocess
@@ -66,6 +67,7 @@ def _run_synth_capsule(args: argparse.Namespace) -> int:
         dicom=args.dicom,
         frames_per_study=args.frames_per_study,
         split_fractions=args.split_fractions,
+        lesions_per_frame=args.lesions_per_frame,
     )
     print(datalist_path)
     for name, items in json.loads(datalist_path.read_text()).items():
@@ -74,6 +76,159 @@ def _run_synth_capsule(args: argparse.Namespace) -> int:
         negatives = len(items) - positives
         print(f"{name}: {len(items)} frames, {positives} positive, {negatives} negative, studies: {studies}")
     return 0
+
+
+def _run_synth_patterns(args: argparse.Namespace) -> int:
+    from medgain.synth.patterns import make_pattern_dataset
+
+    datalist_path = make_pattern_dataset(
+        args.out,
+        args.kind,
+        args.n_images,
+        seed=args.seed,
+        size=args.size,
+        rgb=args.rgb,
+        field_size=args.field_size,
+        prevalence=args.prevalence,
+        split_fractions=args.split_fractions,
+    )
+    print(datalist_path)
+    for name, items in json.loads(datalist_path.read_text()).items():
+        tumour = sum(item["label"] for item in items)
+        print(f"{name}: {len(items)} images, {tumour} tumour, {len(items) - tumour} normal")
+    return 0
+
+
+def _add_synth_patterns_parser(commands: argparse._SubParsersAction) -> None:
+    patterns = commands.add_parser(
+        "patterns",
+        help="synthetic ellipse / stripe-and-checkerboard images with tumour masks (glimpse models)",
+        description="Write synthetic pattern images (ellipses, pattern1, pattern2), 0/1 tumour masks and a MONAI "
+        "datalist (datalist.json, dataset.json) into --out.",
+    )
+    add = patterns.add_argument
+    add("--kind", choices=["ellipses", "pattern1", "pattern2"], required=True, help="pattern family")
+    add("--out", type=Path, required=True, help="output directory")
+    add("--n-images", type=_bounded(int, 3), required=True, help="number of images")
+    add("--seed", type=_bounded(int, 0), required=True, help="random seed")
+    add("--size", type=_bounded(int, 32), default=1024, help="image side in pixels (default: %(default)s)")
+    add("--rgb", action="store_true", help="3-channel colour images instead of grey")
+    add("--field-size", type=_bounded(int, 1), default=4, help="pattern2 grid side in patches (default: %(default)s)")
+    add("--prevalence", type=_bounded(float, 0.0, 1.0), default=0.5, help="fraction of tumour images (default: %(default)s)")
+    add(
+        "--split-fractions",
+        type=_bounded(float, 0.0, 1.0),
+        nargs=3,
+        action=_Fractions,
+        default=[0.7, 0.15, 0.15],
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="fractions of the images in the training, validation and test splits (default: 0.7 0.15 0.15)",
+    )
+    patterns.set_defaults(func=_run_synth_patterns)
+
+
+def _run_synth_dermoscopy(args: argparse.Namespace) -> int:
+    from medgain.synth.dermoscopy import make_dermoscopy_dataset
+
+    csv_path = make_dermoscopy_dataset(
+        args.out,
+        args.n_images,
+        seed=args.seed,
+        prevalence=args.prevalence,
+        shortcut_rate=args.shortcut_rate,
+        images_per_patient=args.images_per_patient,
+        min_size=args.min_size,
+        max_size=args.max_size,
+    )
+    summary = json.loads((csv_path.parent / "dataset.json").read_text())
+    print(csv_path)
+    print(
+        f"{summary['n_images']} images, {summary['malignant']} malignant, {summary['n_patients']} patients, "
+        f"{summary['ink_markings']} with ink markings"
+    )
+    return 0
+
+
+def _add_synth_dermoscopy_parser(commands: argparse._SubParsersAction) -> None:
+    dermoscopy = commands.add_parser(
+        "dermoscopy",
+        help="synthetic dermoscopy JPEGs with lesion masks and an ISIC-2020-style CSV",
+        description="Write synthetic dermoscopy images (images/*.jpg), lesion masks (masks/*_segmentation.png), "
+        "an ISIC-2020-style train.csv (patients with several images, age / sex / site metadata) and dataset.json "
+        "into --out.",
+    )
+    probability = _bounded(float, 0.0, 1.0)
+    add = dermoscopy.add_argument
+    add("--out", type=Path, required=True, help="output directory")
+    add("--n-images", type=_bounded(int, 1), required=True, help="number of images")
+    add("--seed", type=_bounded(int, 0), required=True, help="random seed")
+    add("--prevalence", type=probability, default=0.05, help="fraction of melanomas (default: %(default)s)")
+    add(
+        "--shortcut-rate",
+        type=probability,
+        default=0.0,
+        help="fraction of the melanomas with ink markings beside the lesion, a shortcut confounder "
+        "(default: %(default)s)",
+    )
+    add(
+        "--images-per-patient",
+        type=_bounded(float, 1.0),
+        default=6.0,
+        help="mean number of images per patient (default: %(default)s)",
+    )
+    add("--min-size", type=_bounded(int, 32), default=600, help="smallest longer image side (default: %(default)s)")
+    add("--max-size", type=_bounded(int, 32), default=2000, help="largest longer image side (default: %(default)s)")
+    dermoscopy.set_defaults(func=_run_synth_dermoscopy)
+
+
+def _run_synth_wsi(args: argparse.Namespace) -> int:
+    from medgain.synth.wsi import make_wsi_dataset
+
+    labels = make_wsi_dataset(
+        args.out,
+        args.n_slides,
+        seed=args.seed,
+        size=args.size,
+        tumour_rate=args.tumour_rate,
+        mpp=args.mpp,
+        compression=args.compression,
+    )
+    print(labels)
+    with labels.open() as fh:
+        rows = list(csv.DictReader(fh))
+    tumour = sum(int(row["label"]) for row in rows)
+    print(f"{len(rows)} slides: {tumour} tumour, {len(rows) - tumour} normal")
+    return 0
+
+
+def _add_synth_wsi_parser(commands: argparse._SubParsersAction) -> None:
+    wsi = commands.add_parser(
+        "wsi",
+        help="synthetic H&E whole-slide images (pyramidal TIFF) with tumour annotations",
+        description="Write synthetic pyramidal tiled TIFF slides (images/), tumour annotations as ASAP XML and "
+        "GeoJSON (annotations/) and slide labels (labels.csv) into --out.",
+    )
+    add = wsi.add_argument
+    add("--out", type=Path, required=True, help="output directory")
+    add("--n-slides", type=_bounded(int, 1), required=True, help="number of slides")
+    add("--seed", type=_bounded(int, 0), required=True, help="random seed")
+    add("--size", type=_bounded(int, 512), default=16384, help="level-0 side of each slide in pixels (default: %(default)s)")
+    add("--tumour-rate", type=_bounded(float, 0.0, 1.0), default=0.5, help="fraction of tumour slides (default: %(default)s)")
+    add("--mpp", type=_bounded(float, 0.01), default=0.5, help="microns per pixel at level 0 (default: %(default)s)")
+    add("--compression", choices=["jpeg", "deflate"], default="jpeg", help="tile compression (default: %(default)s)")
+    wsi.set_defaults(func=_run_synth_wsi)
+
+
+def _count_range(text: str) -> tuple[int, int]:
+    """``"N"`` or ``"LOW-HIGH"`` as ``(low, high)`` with 1 <= low <= high <= 5."""
+    parts = text.split("-")
+    try:
+        low, high = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or LOW-HIGH, got {text!r}") from None
+    if not 1 <= low <= high <= 5:
+        raise argparse.ArgumentTypeError(f"expected N or LOW-HIGH with 1 <= LOW <= HIGH <= 5, got {text!r}")
+    return low, high
 
 
 def _add_synth_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -112,22 +267,47 @@ def _add_synth_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar=("TRAIN", "VAL", "TEST"),
         help="fractions of the studies in the training, validation and test splits (default: 0.7 0.15 0.15)",
     )
+    add(
+        "--lesions-per-frame",
+        type=_count_range,
+        default=None,
+        metavar="N or LOW-HIGH",
+        help="lesions per positive frame, e.g. 2 or 1-3 (at most 5), and a per-lesion label map per frame in "
+        "lesions/ (default: 1-2 lesions, no per-lesion maps, as earlier versions)",
+    )
     capsule.set_defaults(func=_run_synth_capsule)
+    _add_synth_patterns_parser(commands)
+    _add_synth_dermoscopy_parser(commands)
+    _add_synth_wsi_parser(commands)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     from medgain.demo import run_capsule_demo
+    from medgain.tracking import ui_command, ui_url
 
     result = run_capsule_demo(
         args.out, args.n_frames, args.frame_size, args.image_size, args.max_epochs, args.network, seed=args.seed
     )
-    print("\nmedgain demo — capsule endoscopy, test split:")
-    for name, value in sorted(result["metrics"].items()):
-        if not name.endswith("_threshold"):
-            print(f"  {name:28s} {'nan' if value is None else f'{value:.4f}'}")
+    metrics, notes = result["metrics"], result["notes"]
+    print("\nmedgain demo — capsule endoscopy, test split")
+    print("at the operating point that ships with the model (chosen on validation, FPR <= 0.1 %):")
+    for figure in ("sensitivity", "specificity", "false_alarms", "false_alarms_per_1000", "accuracy"):
+        value = metrics.get(f"test_{figure}")
+        print(f"  {figure:28s} {'n/a (no operating point)' if value is None else f'{value:.4f}'}")
+    print("threshold-free and localisation:")
+    for name, value in sorted(metrics.items()):
+        if name.startswith("test_") and name[5:] not in {
+            "sensitivity", "specificity", "false_alarms", "false_alarms_per_1000", "accuracy"
+        } and not name.endswith("_threshold"):
+            line = f"  {name[5:]:28s} {'nan' if value is None else f'{value:.4f}'}"
+            if name in notes:
+                line += f"   (re-tuned on the test split; {notes[name]})"
+            print(line)
     print(f"best checkpoint: {result['checkpoint']}")
     print(f"evaluation outputs: {result['evaluation']}")
-    print(f"browse the runs: mlflow ui --backend-store-uri {result['tracking_uri']}")
+    print("browse the runs (model-training view):")
+    print(f"  {ui_command(result['tracking_uri'])}")
+    print(f"  then open {ui_url()}")
     return 0
 
 
@@ -149,12 +329,122 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=_run_demo)
 
 
+def _run_unveil(args: argparse.Namespace) -> int:
+    from medgain.unveil.command import run_unveil
+
+    normalization = None
+    if args.norm_mean is not None or args.norm_std is not None:
+        if args.norm_mean is None or args.norm_std is None:
+            raise ValueError("--norm-mean and --norm-std go together")
+        normalization = {"mean": args.norm_mean, "std": args.norm_std}
+    fill: str | float | list[float] = args.fill[0] if args.fill == ["mean"] else [float(v) for v in args.fill]
+    result = run_unveil(
+        args.input,
+        args.output,
+        args.checkpoint,
+        args.bundle,
+        target=args.target,
+        batch_size=args.batch_size,
+        device=args.device,
+        spec_overrides={
+            "network": args.network,
+            "num_classes": args.num_classes,
+            "image_size": args.image_size,
+            "target_layer": args.target_layer,
+            "normalization": normalization,
+        },
+        unveil_options={
+            "source": args.source,
+            "steps": args.steps,
+            "prob_threshold": args.prob_threshold,
+            "fill": fill,
+            "kernel_size": args.kernel_size,
+            "iterations": args.iterations,
+            "threshold": args.threshold,
+            "n_samples": args.smoothgrad_samples,
+            "noise": args.noise,
+            "seed": args.seed,
+        },
+    )
+    print(f"{result['frames']} frame(s) unveiled, {result['errors']} unreadable file(s): {result['csv']}")
+    return 0
+
+
+def _fill_value(text: str) -> str:
+    if text == "mean":
+        return text
+    try:
+        float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'mean' or numbers in [0, 1], got {text!r}") from None
+    return text
+
+
+def _add_unveil_parser(subparsers: argparse._SubParsersAction) -> None:
+    unveil = subparsers.add_parser(
+        "unveil",
+        help="iterative unveiling: every region a trained classifier relies on, per frame of a folder",
+        description="Saliency map -> smoothed mask -> region hidden -> classified again, until the target "
+        "probability falls below --prob-threshold. Writes per frame a panel PNG, the regions as a label map "
+        "(masks/*.png, *.nii.gz; value k in ROI k), unveil.csv and errors.csv. The network, input size, "
+        "Grad-CAM layer and normalisation are read from the checkpoint's model_spec; for a checkpoint without "
+        "one, from the options below and the bundle's configs/train.yaml.",
+    )
+    add = unveil.add_argument
+    add("--bundle", type=Path, help="bundle folder (default checkpoint: BUNDLE/models/model.pt)")
+    add("--checkpoint", type=Path, help="model checkpoint written by BestModelSaver, or a state dict")
+    add("--input", type=Path, required=True, help="folder of PNG / JPEG / DICOM frames")
+    add("--output", type=Path, required=True, help="output folder")
+    add("--steps", type=_bounded(int, 1), default=5, help="maximum regions per frame (default: %(default)s)")
+    add(
+        "--prob-threshold",
+        type=_bounded(float, 0.0, 1.0),
+        default=0.5,
+        help="stop once the target probability is below this (default: %(default)s)",
+    )
+    add(
+        "--source",
+        default="guided_backprop",
+        help="saliency: gradient, guided_backprop, smoothgrad, smoothgrad_guided or grad_cam (default: %(default)s)",
+    )
+    add("--target", type=_bounded(int, 0), default=1, help="class explained (default: %(default)s, lesion)")
+    add("--kernel-size", type=_bounded(int, 1), default=11, help="smoothing window, odd (default: %(default)s)")
+    add("--iterations", type=_bounded(int, 1), default=3, help="smoothing passes (default: %(default)s)")
+    add(
+        "--threshold",
+        type=_bounded(float, 0.0, 1.0),
+        default=0.5,
+        help="smoothing threshold, relative to each map's maximum (default: %(default)s)",
+    )
+    add(
+        "--fill",
+        type=_fill_value,
+        nargs="+",
+        default=["mean"],
+        help="colour of hidden regions: 'mean' (each frame's mean colour), one value or one per channel in [0, 1] "
+        "(default: mean)",
+    )
+    add("--smoothgrad-samples", type=_bounded(int, 1), default=16, help="SmoothGrad copies (default: %(default)s)")
+    add("--noise", type=_bounded(float, 0.0), default=0.15, help="SmoothGrad noise level (default: %(default)s)")
+    add("--seed", type=_bounded(int, 0), default=0, help="SmoothGrad noise seed (default: %(default)s)")
+    add("--batch-size", type=_bounded(int, 1), default=8, help="frames per batch (default: %(default)s)")
+    add("--device", default="cpu", help="torch device (default: %(default)s)")
+    add("--network", help="registry name, for a checkpoint without model_spec")
+    add("--num-classes", type=_bounded(int, 1), help="output logits, for a checkpoint without model_spec")
+    add("--image-size", type=_bounded(int, 1), help="network input side, for a checkpoint without model_spec")
+    add("--target-layer", help="Grad-CAM layer (source grad_cam), for a checkpoint without model_spec")
+    add("--norm-mean", type=float, nargs="+", help="input normalisation mean, for a checkpoint without model_spec")
+    add("--norm-std", type=float, nargs="+", help="input normalisation std, for a checkpoint without model_spec")
+    unveil.set_defaults(func=_run_unveil)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level ``medgain`` parser with all command groups registered."""
     parser = argparse.ArgumentParser(prog="medgain", description="Guided-attention (GAIN) training for medical images.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_synth_parser(subparsers)
     _add_demo_parser(subparsers)
+    _add_unveil_parser(subparsers)
     return parser
 
 

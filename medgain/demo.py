@@ -72,20 +72,24 @@ def run_capsule_demo(
     or far more epochs to learn from scratch).
 
     Returns:
-        the test metrics (``out/run/outputs/evaluation/metrics.json``) plus ``tracking_uri`` and the paths.
+        the test metrics (``out/run/outputs/evaluation/metrics.json``), the notes on figures the test split cannot
+        resolve, ``tracking_uri`` and the paths.
     """
     from medgain.synth.capsule import make_capsule_dataset
 
     out = Path(out).resolve()
     datalist = make_capsule_dataset(out / "data", n_frames, seed=seed, size=frame_size, prevalence=0.3)
     root = out / "run"
-    common = {"dataset_dir": datalist.parent, "image_size": image_size, "network": network, "seed": seed, "num_workers": 0}
-    bundle_run("training", ["train.yaml"], bundle_root=root, max_epochs=max_epochs, **common)
+    common = {"dataset_dir": datalist.parent, "seed": seed, "num_workers": 0}
+    train = {"image_size": image_size, "network": network, "max_epochs": max_epochs}
+    bundle_run("training", ["train.yaml"], bundle_root=root, **common, **train)
     bundle_run("evaluate", ["train.yaml", "evaluate.yaml"], bundle_root=root, **common)
-    metrics = json.loads((root / "outputs" / "evaluation" / "metrics.json").read_text())
+    evaluation = root / "outputs" / "evaluation"
+    notes_file = evaluation / "metrics_notes.json"
     return {
-        "metrics": metrics,
+        "metrics": json.loads((evaluation / "metrics.json").read_text()),
+        "notes": json.loads(notes_file.read_text()) if notes_file.is_file() else {},
         "tracking_uri": f"sqlite:///{root / 'outputs' / 'mlflow.db'}",
         "checkpoint": str(root / "models" / "model.pt"),
-        "evaluation": str(root / "outputs" / "evaluation"),
+        "evaluation": str(evaluation),
     }

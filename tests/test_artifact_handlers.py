@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import mlflow.pytorch
 import nibabel as nib
 import numpy as np
 import pytest
@@ -23,7 +24,8 @@ from sklearn.metrics import roc_curve as sk_roc_curve
 
 from medgain.attention import grad_cam, normalize_cam
 from medgain.handlers.attention_overlay import AttentionOverlaySaver
-from medgain.handlers.best_checkpoint import BestModelSaver, load_model_weights, load_operating_point
+from medgain.handlers.best_checkpoint import BestModelSaver
+from medgain.handlers.model_registration import ModelRegistration
 from medgain.handlers.cam_inferer import GradCamInferer
 from medgain.handlers.heatmap_writer import HeatmapWriter
 from medgain.handlers.metrics_json import MetricsJSONWriter
@@ -31,7 +33,8 @@ from medgain.handlers.prediction_writer import PredictionCSVWriter
 from medgain.handlers.roc_plot import ROCCurveSaver
 from medgain.handlers.utils import attach_once
 from medgain.metrics import operating_point, roc_curve, tpr_at_fpr
-from medgain.metrics.scores import positive_probability
+from medgain.metrics.scores import positive_score
+from medgain.model_file import load_model_weights, load_operating_point
 from medgain.visualize import cam_overlay, colorize, to_display_rgb
 
 LAYER = "features.act2"
@@ -110,10 +113,10 @@ def _artifacts(uri: str, handler: MLFlowHandler, path: str | None = None) -> set
 
 
 def _expected(samples: list[dict[str, Any]], net: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probability of being ill and normalised cam of every sample, computed directly."""
+    """Log-odds of being ill and normalised cam of every sample, computed directly."""
     net.eval()
     logits, cam = grad_cam(net, torch.stack([s["image"] for s in samples]), LAYER)
-    return positive_probability(logits), normalize_cam(cam.detach())
+    return positive_score(logits), normalize_cam(cam.detach())
 
 
 def _engine(metrics: dict[str, Any], epoch: int) -> Engine:
@@ -150,13 +153,18 @@ def test_attention_overlay_keeps_a_fixed_sample_set_and_logs_each_round(tmp_path
     by_index = dict(zip(chosen[0], saver.samples))
     assert by_index[1]["mask"] is not None and by_index[3]["mask"] is None  # sample 3 has no real mask
     assert [by_index[i]["ill"] for i in (0, 1)] == [False, True]
-    for sample in saver.samples:  # compact CPU copies, not views into whole batches
+    net = evaluator.network.eval()
+    _, raw = grad_cam(net, torch.stack([samples[i]["image"] for i in chosen[0]]), LAYER)
+    for sample, cam in zip(saver.samples, raw):  # compact CPU copies, not views into whole batches
         assert sample["image"].untyped_storage().nbytes() == 3 * 32 * 32 * 4
-        assert 0.0 <= float(sample["cam"].min()) and float(sample["cam"].max()) <= 1.0
+        torch.testing.assert_close(sample["cam"], cam[0].detach())  # raw: one common scale, not per-frame maxima
+    assert saver.samples[0]["id"] == "frame.png" and saver.samples[3]["id"] == "clip.dcm f1"
     for epoch in (1, 2):
-        with Image.open(tmp_path / "out" / "attention" / f"epoch_{epoch:03d}.png") as png:
-            assert png.size == (1100, 480)  # 5 columns of 2.2 in, 4.8 in high, 100 dpi
-    assert _artifacts(tracking_uri, ml, "attention") == {"attention/epoch_001.png", "attention/epoch_002.png"}
+        with Image.open(tmp_path / "out" / "attention" / f"validation_epoch_{epoch:03d}.png") as png:
+            assert png.size == (1250, 580)  # 5 columns of 2.3 in + a colour bar, 5.8 in high, 100 dpi
+    assert _artifacts(tracking_uri, ml, "attention") == {
+        "attention/validation_epoch_001.png", "attention/validation_epoch_002.png"
+    }
     ml.close()
 
 
@@ -198,17 +206,20 @@ def test_roc_curve_saver_writes_plot_and_table(tmp_path: Path, tracking_uri: str
     samples, net = _samples(tmp_path), _net()
     ml = _mlflow(tracking_uri, "roc")
     _evaluator(samples, [ml, ROCCurveSaver(str(tmp_path / "roc"), mlflow_handler=ml)], net).run(global_epoch=4)
-    with Image.open(tmp_path / "roc" / "roc_epoch_004.png") as png:
+    with Image.open(tmp_path / "roc" / "roc_validation_epoch_004.png") as png:
         assert png.size == (1000, 450)
-    with open(tmp_path / "roc" / "roc_epoch_004.csv") as f:
+    with open(tmp_path / "roc" / "roc_validation_epoch_004.csv") as f:
         rows = list(csv.DictReader(f))
-    probability, _ = _expected(samples, net)
-    fpr, tpr, thresholds = roc_curve(probability, torch.tensor(LABELS))
+    score, _ = _expected(samples, net)
+    fpr, tpr, thresholds = roc_curve(score, torch.tensor(LABELS))
     np.testing.assert_allclose([float(r["fpr"]) for r in rows], fpr)
     np.testing.assert_allclose([float(r["tpr"]) for r in rows], tpr)
-    np.testing.assert_allclose([float(r["threshold"]) for r in rows], thresholds, rtol=1e-6)
+    np.testing.assert_allclose([float(r["threshold"]) for r in rows], thresholds, rtol=1e-12)
+    np.testing.assert_allclose([float(r["probability"]) for r in rows], 1 / (1 + np.exp(-thresholds)), rtol=1e-12)
     assert rows[0]["threshold"] == "inf" and float(rows[-1]["tpr"]) == 1.0
-    assert _artifacts(tracking_uri, ml, "roc") == {"roc/roc_epoch_004.png", "roc/roc_epoch_004.csv"}
+    assert _artifacts(tracking_uri, ml, "roc") == {
+        "roc/roc_validation_epoch_004.png", "roc/roc_validation_epoch_004.csv"
+    }
     ml.close()
 
 
@@ -216,11 +227,16 @@ def test_roc_curve_saver_single_class_writes_a_note(tmp_path: Path) -> None:
     samples = _samples(tmp_path, labels=[0, 0, 0, 0])
     with pytest.warns(UserWarning, match="0 ill and 4 healthy"):
         _evaluator(samples, [ROCCurveSaver(str(tmp_path))]).run(global_epoch=2)
-    assert "needs both" in (tmp_path / "roc_epoch_002.txt").read_text()
-    assert not (tmp_path / "roc_epoch_002.png").exists()
+    assert "needs both" in (tmp_path / "roc_validation_epoch_002.txt").read_text()
+    assert not (tmp_path / "roc_validation_epoch_002.png").exists()
 
 
-def test_best_model_saver_keeps_the_best_round_and_registers_it(tmp_path: Path, tracking_uri: str) -> None:
+SPEC = {"network": "small_cnn", "num_classes": 2, "image_size": 32, "class_names": ["normal", "lesion"]}
+
+
+def test_best_model_saver_keeps_the_best_round_and_registration_adds_one_version(
+    tmp_path: Path, tracking_uri: str
+) -> None:
     nan = math.nan
     schedule = {  # epoch: (tpr, auc, threshold)
         1: (nan, nan, nan),  # first round always saved
@@ -236,41 +252,87 @@ def test_best_model_saver_keeps_the_best_round_and_registers_it(tmp_path: Path, 
     }
     net = _net()
     ml = _mlflow(tracking_uri, "best")
-    saver = BestModelSaver(
-        str(tmp_path / "ckpt"), net, mlflow_handler=ml, registered_model_name="medgain-test-model"
-    )
+    saver = BestModelSaver(str(tmp_path / "ckpt"), net, mlflow_handler=ml, model_spec=SPEC)
     evaluator = _evaluator(_samples(tmp_path)[:3], [ml, SetMetrics(metrics), saver], net)
-    saved_epochs = []
+    saved = []
     for epoch in schedule:
         with torch.no_grad():
             net.head[2].bias.fill_(float(epoch))  # identifies the weights of each round
         evaluator.run(global_epoch=epoch)
-        saved_epochs.append(torch.load(saver.checkpoint_path, weights_only=True)["epoch"])
-    assert saved_epochs == [1, 2, 3, 3, 3, 3]
+        saved.append(torch.load(saver.checkpoint_path, weights_only=True))
+    assert [c["epoch"] for c in saved] == [1, 2, 3, 3, 3, 3]
+    assert saved[0]["operating_point"]["threshold"] is None  # never a NaN / infinite threshold
+    assert "single class" in saved[0]["operating_point"]["reason"]
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["model.pt", "model_metrics.json"]  # no temp
-    checkpoint = torch.load(saver.checkpoint_path, weights_only=True)
+    checkpoint = saved[-1]
     assert torch.equal(checkpoint["model"]["head.2.bias"], torch.full((2,), 3.0))
     assert checkpoint["operating_point"] == {
-        "threshold": 0.55, "max_fpr": 0.001, "metric": "val_tpr_at_fpr_0.001", "value": 0.5
+        "threshold": 0.55,
+        "probability": pytest.approx(1 / (1 + math.exp(-0.55))),
+        "max_fpr": 0.001,
+        "metric": "val_tpr_at_fpr_0.001",
+        "value": 0.5,
     }
     assert checkpoint["metrics"] == metrics[3]
+    assert checkpoint["model_spec"]["image_size"] == [32, 32] and checkpoint["model_spec"]["target_layer"] == "features.3"
     summary = json.loads((tmp_path / "ckpt" / "model_metrics.json").read_text())
     assert summary["epoch"] == 3 and summary["operating_point"]["threshold"] == 0.55
-    assert _artifacts(tracking_uri, ml, "checkpoint") == {f"checkpoint/epoch_00{e}" for e in (1, 2, 3)}
-    assert _artifacts(tracking_uri, ml, "checkpoint/epoch_003") == {
-        "checkpoint/epoch_003/model.pt", "checkpoint/epoch_003/model_metrics.json"
-    }
+    assert _artifacts(tracking_uri, ml, "checkpoint") == {"checkpoint/model.pt", "checkpoint/model_metrics.json"}
     client = mlflow.MlflowClient(tracking_uri)
+    assert client.search_model_versions("name='medgain-test-model'") == []  # nothing registered per round
+
+    trainer = _engine({}, epoch=6)
+    registration = ModelRegistration(saver, ml, "medgain-test-model", tags={"bundle": "test"})
+    registration(trainer)
+    registration(trainer)  # a second run of the same name: a second version, alias moves
     versions = sorted(client.search_model_versions("name='medgain-test-model'"), key=lambda v: int(v.version))
-    assert [v.tags["epoch"] for v in versions] == ["1", "2", "3"]
-    assert versions[-1].run_id == ml.cur_run.info.run_id
-    assert [v.source.rsplit("/checkpoint/", 1)[1] for v in versions] == [f"epoch_00{e}/model.pt" for e in (1, 2, 3)]
-    assert versions[-1].tags["operating_point.threshold"] == "0.55"
-    downloaded = client.download_artifacts(ml.cur_run.info.run_id, "checkpoint/epoch_003/model.pt", str(tmp_path / "dl"))
+    assert [str(v.version) for v in versions] == ["1", "2"] and versions[-1].run_id == ml.cur_run.info.run_id
+    aliases = client.get_registered_model("medgain-test-model").aliases
+    assert {k: str(v) for k, v in aliases.items()} == {"candidate": "2"}
+    assert versions[-1].tags["operating_point.threshold"] == "0.55" and versions[-1].tags["bundle"] == "test"
+    assert "epoch 3" in versions[-1].description and "p >= 0.634" in versions[-1].description
+    run = client.get_run(ml.cur_run.info.run_id)
+    assert run.data.metrics["best_epoch"] == 3 and run.data.metrics["best_val_auc"] == 0.8
+    assert run.data.tags["registered_model"] == "medgain-test-model v2"
+    assert versions[-1].source.endswith(f"{ml.cur_run.info.run_id}/artifacts/model")
+    local = client.download_artifacts(ml.cur_run.info.run_id, "model", str(tmp_path / "dl"))
+    loaded = mlflow.pytorch.load_model(local)
+    assert torch.equal(loaded.head[2].bias, torch.full((2,), 3.0))
+    info = mlflow.models.Model.load(local)
+    assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 32, 32]
+    assert list(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 2]
+    assert torch.load(saver.checkpoint_path, weights_only=True)["provenance"] == {
+        "run_id": ml.cur_run.info.run_id, "model_name": "medgain-test-model", "model_version": "2"
+    }
     fresh = _net()
-    assert load_model_weights(fresh, downloaded)["epoch"] == 3
+    assert load_model_weights(fresh, saver.checkpoint_path)["epoch"] == 3
     assert torch.equal(fresh.head[2].bias, torch.full((2,), 3.0))
-    assert load_operating_point(downloaded)["threshold"] == 0.55
+    assert load_operating_point(saver.checkpoint_path)["threshold"] == 0.55
+    ml.close()
+
+
+def test_a_model_without_operating_point_is_registered_as_such_and_takes_no_decisions(
+    tmp_path: Path, tracking_uri: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    net = _net()
+    ml = _mlflow(tracking_uri, "no-point")
+    saver = BestModelSaver(str(tmp_path / "ckpt"), net, tie_breaker=None, mlflow_handler=ml, model_spec=SPEC)
+    # TPR 0 at the budget: the TPR handler leaves the (infinite) threshold out of the metrics
+    evaluator = _evaluator(_samples(tmp_path)[:3], [ml, SetMetrics({1: {"val_tpr_at_fpr_0.001": 0.0}}), saver], net)
+    evaluator.run()
+    point = load_operating_point(saver.checkpoint_path)
+    assert point["threshold"] is None and "TPR > 0" in point["reason"]
+    ModelRegistration(saver, ml, "medgain-no-point")(_engine({}, epoch=1))
+    (version,) = mlflow.MlflowClient(tracking_uri).search_model_versions("name='medgain-no-point'")
+    assert version.tags["operating_point"].startswith("none: no finite threshold")
+    assert "NO OPERATING POINT" in version.description
+    writer = PredictionCSVWriter(str(tmp_path / "pred"), checkpoint=str(saver.checkpoint_path))
+    with caplog.at_level("ERROR"):
+        _evaluator(_samples(tmp_path), [writer], net).run()
+    assert "has no operating point" in caplog.text
+    with open(tmp_path / "pred" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and all(r["decision"] == "" and r["probability"] for r in rows)
     ml.close()
 
 
@@ -285,13 +347,14 @@ def test_best_model_saver_failed_write_keeps_the_previous_file(tmp_path: Path, m
         f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        saver(_engine({"val_tpr_at_fpr_0.001": 0.9, "val_tpr_at_fpr_0.001_threshold": 0.5}, epoch=2))
-    assert saver.checkpoint_path.read_bytes() == before
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", broken_save)
+        with pytest.raises(OSError, match="disk full"):
+            saver(_engine({"val_tpr_at_fpr_0.001": 0.9, "val_tpr_at_fpr_0.001_threshold": 0.5}, epoch=2))
+    assert saver.checkpoint_path.read_bytes() == before and saver.best_epoch == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model_metrics.json"]
-    with pytest.raises(KeyError, match="val_tpr_at_fpr_0.001_threshold"):
-        saver(_engine({"val_tpr_at_fpr_0.001": 0.9}, epoch=3))
+    with pytest.raises(KeyError, match=r"no \['val_tpr_at_fpr_0.001'\]"):
+        saver(_engine({"val_auc": 0.9}, epoch=3))
 
 
 def test_loaders_accept_state_dicts_and_name_the_file_on_errors(tmp_path: Path) -> None:
@@ -334,8 +397,8 @@ def test_metrics_json_writer(tmp_path: Path, tracking_uri: str) -> None:
 
 def test_prediction_csv_writer_with_threshold_and_checkpoint(tmp_path: Path, tracking_uri: str) -> None:
     samples, net = _samples(tmp_path), _net()
-    probability, _ = _expected(samples, net)
-    threshold = float(probability.median())
+    score, _ = _expected(samples, net)
+    threshold = float(score.median())
     ml = _mlflow(tracking_uri, "predictions")
     by_value = PredictionCSVWriter(str(tmp_path / "a"), threshold=threshold, mlflow_handler=ml)
     BestModelSaver(str(tmp_path / "ckpt"), net, tie_breaker=None)(
@@ -345,11 +408,12 @@ def test_prediction_csv_writer_with_threshold_and_checkpoint(tmp_path: Path, tra
     _evaluator(samples, [ml, by_value, by_ckpt], net).run()
     with open(tmp_path / "a" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["file", "frame", "probability", "decision", "label"]
+    assert list(rows[0]) == ["file", "frame", "score", "probability", "decision", "label"]
     assert [(r["file"], int(r["frame"])) for r in rows] == [(s["image_path"], s["frame"]) for s in samples]
-    np.testing.assert_allclose([float(r["probability"]) for r in rows], probability, atol=1e-6)
+    np.testing.assert_allclose([float(r["score"]) for r in rows], score, rtol=1e-12)  # float64, exact
+    np.testing.assert_allclose([float(r["probability"]) for r in rows], torch.sigmoid(score), rtol=1e-5)
     decisions = [int(r["decision"]) for r in rows]
-    assert decisions == [int(float(r["probability"]) >= threshold) for r in rows] and 0 < sum(decisions) < 8
+    assert decisions == [int(float(r["score"]) >= threshold) for r in rows] and 0 < sum(decisions) < 8
     assert [int(r["label"]) for r in rows] == LABELS
     assert (tmp_path / "b" / "p.csv").read_text() == (tmp_path / "a" / "predictions.csv").read_text()
     assert "predictions.csv" in _artifacts(tracking_uri, ml)
@@ -358,14 +422,11 @@ def test_prediction_csv_writer_with_threshold_and_checkpoint(tmp_path: Path, tra
     unlabelled = PredictionCSVWriter(str(tmp_path / "c"), threshold=0.5)
     _evaluator(_samples(tmp_path, with_labels=False), [unlabelled], net).run()
     with open(tmp_path / "c" / "predictions.csv") as f:
-        assert next(csv.reader(f)) == ["file", "frame", "probability", "decision"]
+        assert next(csv.reader(f)) == ["file", "frame", "score", "probability", "decision"]
     with pytest.raises(ValueError, match="exactly one of threshold and checkpoint"):
         PredictionCSVWriter(str(tmp_path), threshold=0.5, checkpoint="model.pt")
-    BestModelSaver(str(tmp_path / "nan"), net, tie_breaker=None)(
-        _engine({"val_tpr_at_fpr_0.001": math.nan, "val_tpr_at_fpr_0.001_threshold": math.nan}, epoch=1)
-    )
-    with pytest.raises(ValueError, match="threshold is NaN"):
-        PredictionCSVWriter(str(tmp_path), checkpoint=str(tmp_path / "nan" / "model.pt")).start()
+    with pytest.raises(ValueError, match="threshold must be finite"):
+        PredictionCSVWriter(str(tmp_path), threshold=math.inf)
 
 
 def test_heatmap_writer_writes_png_and_nifti_per_frame(tmp_path: Path) -> None:
@@ -392,3 +453,23 @@ def test_heatmap_writer_writes_png_and_nifti_per_frame(tmp_path: Path) -> None:
     bad.state.batch, bad.state.output = {"frame": torch.tensor([0])}, {"image": torch.rand(1, 3, 4, 4)}
     with pytest.raises(KeyError, match=r"HeatmapWriter: no \['image_path'\]"):
         writer(bad)
+
+
+def test_roc_plot_draws_fpr_zero_at_zero_with_distinct_budget_markers_and_the_shipped_point(tmp_path: Path) -> None:
+    labels = np.array([0] * 50 + [1] * 10)
+    scores = np.concatenate([np.linspace(-3, 1, 50), np.linspace(0.5, 4, 10)])
+    fpr, tpr, thresholds = roc_curve(scores, labels)
+    BestModelSaver(str(tmp_path), _net(), tie_breaker=None)(
+        _engine({"val_tpr_at_fpr_0.001": 0.5, "val_tpr_at_fpr_0.001_threshold": 2.0}, epoch=1)
+    )
+    saver = ROCCurveSaver(str(tmp_path), split="test", per_round=False, checkpoint=str(tmp_path / "model.pt"))
+    fig = saver._plot(fpr, tpr, thresholds, 1, 10, 50)
+    linear, log = fig.axes
+    assert log.get_xscale() == "symlog" and log.get_xlim()[0] == 0.0  # FPR = 0 is drawn at 0
+    assert "test split" in fig._suptitle.get_text()
+    points = {line.get_label(): line for line in log.get_lines() if line.get_linestyle() == "None"}
+    budgets = [line for label, line in points.items() if label.startswith("FPR <=")]
+    assert len(budgets) == 2 and len({line.get_marker() for line in budgets}) == 2
+    (shipped,) = [line for label, line in points.items() if label.startswith("stored operating point")]
+    k = int(np.count_nonzero(thresholds >= 2.0)) - 1
+    assert (shipped.get_xdata()[0], shipped.get_ydata()[0]) == (fpr[k], tpr[k])

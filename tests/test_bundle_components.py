@@ -41,11 +41,15 @@ def test_failure_handler_saves_checkpoint_and_marks_run_failed_with_root_cause(t
     assert run.info.status == "FAILED" and run.data.tags["error"] == "ValueError: frames/a.png: cannot decode image"
 
 
-def _evaluator_round(saver: BestModelSaver, epoch: int, tpr: float, auc: float) -> None:
+def _round(epoch: int, tpr: float, auc: float) -> Engine:
     engine = Engine(lambda e, b: None)
     engine.state.epoch = epoch
     engine.state.metrics = {"val_tpr_at_fpr_0.001": tpr, "val_auc": auc, "val_tpr_at_fpr_0.001_threshold": 0.7}
-    saver(engine)
+    return engine
+
+
+def _evaluator_round(saver: BestModelSaver, epoch: int, tpr: float, auc: float) -> None:
+    saver(_round(epoch, tpr, auc))
 
 
 def test_best_checkpoint_survives_a_resume(tmp_path: Path) -> None:
@@ -79,16 +83,20 @@ def test_gain_options_from_a_command_line_and_empty_masks_skipped() -> None:
     assert out["loss_ex"].item() == 0.0
 
 
-def test_classification_metric_set_names_and_key_metric() -> None:
-    from medgain.handlers import classification_metrics
+def test_classification_metric_set_names_validation_and_at_the_stored_operating_point(tmp_path: Path) -> None:
+    from medgain.handlers import ClassificationMetrics
 
-    key, extra = classification_metrics("test")
-    assert list(key) == ["test_tpr_at_fpr_0.001"]
-    assert set(extra) == {"test_tpr_at_fpr_0.0005", "test_auc", "test_iou", "test_attention_in_mask", "test_accuracy"}
-    key, extra = classification_metrics("val", "val_auc")
-    assert list(key) == ["val_auc"] and "val_tpr_at_fpr_0.001" in extra
-    with pytest.raises(ValueError, match="key_metric 'val_dice' is not one of"):
-        classification_metrics("val", "val_dice")
+    val = ClassificationMetrics("val")
+    assert set(val.names) == {
+        "val_tpr_at_fpr_0.001", "val_tpr_at_fpr_0.0005", "val_auc", "val_iou", "val_attention_in_mask", "val_accuracy"
+    }
+    BestModelSaver(str(tmp_path), TinyNet(), tie_breaker=None)(_round(1, 0.5, 0.9))
+    test = ClassificationMetrics("test", checkpoint=str(tmp_path / "model.pt"))
+    assert set(test.names) == {  # re-tuned TPRs under their own names; the headline at the shipped threshold
+        "test_retuned_tpr_at_fpr_0.001", "test_retuned_tpr_at_fpr_0.0005", "test_auc", "test_iou",
+        "test_attention_in_mask", "test_sensitivity", "test_specificity", "test_false_alarms",
+        "test_false_alarms_per_1000", "test_accuracy",
+    }
 
 
 def test_erase_fill_passes_explicit_colours_and_rejects_unknown_words(tmp_path: Path) -> None:

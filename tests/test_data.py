@@ -222,8 +222,6 @@ def test_sampler_with_dataloader_and_errors():
     for fraction in (0.0, 1.0):
         with pytest.raises(ValueError, match=r"pos_fraction must be in \(0, 1\)"):
             PositiveFractionBatchSampler(LABELS, 8, fraction)
-    with pytest.raises(ValueError, match="leaves no negative"):
-        PositiveFractionBatchSampler(LABELS, 2, 0.9)
     with pytest.raises(ValueError, match="rank"):
         PositiveFractionBatchSampler(LABELS, 8, num_replicas=2, rank=2)
 
@@ -293,3 +291,134 @@ def test_sampler_passes_advance_the_shuffle_deterministically() -> None:
     first, second = list(a), list(a)
     assert first != second  # a new epoch, a new order
     assert [first, second] == [list(b), list(b)]  # same seed, same sequence of epochs
+
+
+def test_image_listed_in_two_splits_is_rejected(dataset_dir):
+    from medgain.data.capsule import check_study_splits, prepare_items
+
+    (dataset_dir / "images" / "sub").mkdir()
+    content = {
+        "training": [{"image": "images/a.png", "label": 1}, {"image": "images/clip.dcm", "label": 0}],
+        "validation": [{"image": "images/b.png", "label": 0}],
+        "test": [{"image": "images/sub/../a.png", "label": 1}],  # the same file, spelled differently
+    }
+    path = write_datalist(dataset_dir, content)
+    message = r"images/a\.png.*appears in both 'training' and 'test'"
+    with pytest.raises(ValueError, match=message):
+        check_study_splits(path)
+    with pytest.raises(ValueError, match=message):
+        prepare_items(path, "validation")
+    content["test"] = [{"image": "images/clip.dcm", "label": 0, "frame": 2}]  # every frame of a clip is used
+    with pytest.raises(ValueError, match=r"clip\.dcm.*appears in both 'training' and 'test'"):
+        check_study_splits(write_datalist(dataset_dir, content))
+    (dataset_dir / "images" / "link.png").symlink_to(dataset_dir / "images" / "b.png")
+    content["test"] = [{"image": "images/link.png", "label": 0}]
+    with pytest.raises(ValueError, match=r"b\.png.*appears in both 'validation' and 'test'"):
+        check_study_splits(write_datalist(dataset_dir, content))
+    content["test"] = [{"image": "images/a.png", "label": 1}]
+    content["training"] = content["training"][1:] * 2  # repeated within one split: allowed
+    check_study_splits(write_datalist(dataset_dir, content))
+
+
+def video_items(root: Path, videos: int = 5, frames: int = 20) -> list[dict]:
+    return [
+        {"image": str(root / f"video_{v}" / f"frame_{f:04d}.png"), "label": 1, "label_map": "m.png"}
+        for v in range(videos)
+        for f in range(1, frames + 1)
+    ]
+
+
+def test_mask_budget_ranks_the_path_inside_the_data_set(tmp_path):
+    def picked(root: Path, items: list[dict]) -> set[str]:
+        result = apply_mask_budget(items, 0.2, seed=0, base_dir=root)
+        return {Path(i["image"]).relative_to(root).as_posix() for i in result if i["has_mask"]}
+
+    here, there = tmp_path / "a" / "data", tmp_path / "b" / "copy"
+    selected = picked(here, video_items(here))
+    assert len(selected) == 20
+    names_per_video = [{Path(p).name for p in selected if p.startswith(f"video_{v}/")} for v in range(5)]
+    assert len(set().union(*names_per_video)) > 4  # not the same few frame names in every video
+    assert len({frozenset(names) for names in names_per_video}) > 1
+    shuffled = video_items(there)
+    random.Random(1).shuffle(shuffled)
+    assert picked(there, shuffled) == selected  # wherever the data set is stored, in any item order
+
+
+def test_prepare_items_budget_uses_the_datalist_folder(tmp_path):
+    from medgain.data.capsule import prepare_items
+
+    content = {"training": []}
+    for v in range(5):
+        for f in range(1, 21):
+            image = write_png(tmp_path / f"video_{v}" / f"frame_{f:04d}.png", np.zeros((2, 2), np.uint8))
+            relative = image.relative_to(tmp_path).as_posix()
+            content["training"].append({"image": relative, "label": 1, "label_map": "m.png"})
+    write_png(tmp_path / "m.png", np.zeros((2, 2), np.uint8))
+    items = prepare_items(write_datalist(tmp_path, content), "training", masks_fraction=0.05, seed=0)
+    names = {Path(i["image"]).name for i in items if i["has_mask"]}
+    expected = apply_mask_budget(video_items(tmp_path), 0.05, seed=0, base_dir=tmp_path)
+    assert names == {Path(i["image"]).name for i in expected if i["has_mask"]}
+    assert len(names) > 1
+
+
+@pytest.mark.parametrize(
+    "batch_size, fraction, positives",
+    [(10, 0.25, 3), (10, 0.35, 4), (10, 0.15, 2), (10, 0.45, 5)]
+    + [(8, 0.25, 2), (4, 0.1, 1), (2, 0.9, 1), (20, 0.99, 19)],
+)
+def test_sampler_positive_count_rounds_half_up(batch_size, fraction, positives):
+    labels = [1] * 30 + [0] * 40
+    sampler = PositiveFractionBatchSampler(labels, batch_size, fraction)
+    assert sampler.pos_per_batch == positives and sampler.neg_per_batch == batch_size - positives
+    assert all(sum(labels[i] for i in b) == positives for b in sampler)
+
+
+@pytest.mark.parametrize("n_pos, n_neg", [(3, 13), (5, 7), (4, 9)])
+def test_sampler_never_repeats_an_index_within_a_batch(n_pos, n_neg):
+    labels = [1] * n_pos + [0] * n_neg
+    for seed in range(12):
+        sampler = PositiveFractionBatchSampler(labels, 6, 0.5, seed=seed, num_batches=40)
+        batches = list(sampler)
+        assert all(len(set(b)) == 6 for b in batches)
+        # every pass over a class is still a permutation: after any number of batches, counts differ by <= 1
+        counts = np.zeros(len(labels), int)
+        for batch in batches:
+            counts[batch] += 1
+            assert np.ptp(counts[:n_pos]) <= 1 and np.ptp(counts[n_pos:]) <= 1
+
+
+def test_sampler_small_class_repeats_evenly():
+    labels = [1] * 3 + [0] * 20  # 5 positives per batch from 3 positive samples: 2 + 2 + 1 copies
+    for seed in range(10):
+        for batch in PositiveFractionBatchSampler(labels, 10, 0.5, seed=seed, num_batches=8):
+            assert sorted(batch.count(i) for i in (0, 1, 2)) == [1, 2, 2]
+            assert len(set(batch)) == 8  # the negatives do not repeat
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_sampler_epoch_follows_a_resumed_trainer(num_workers):
+    from ignite.engine import Engine, Events
+
+    from medgain.handlers import SamplerEpoch
+
+    labels = [1] * 5 + [0] * 19
+    data = list(range(len(labels)))
+
+    def engine() -> tuple[Engine, DataLoader, dict[int, list[list[int]]]]:
+        sampler = PositiveFractionBatchSampler(labels, 6, seed=4)
+        loader = DataLoader(data, batch_sampler=sampler, num_workers=num_workers)
+        seen: dict[int, list[list[int]]] = {}
+        trainer = Engine(lambda e, batch: seen.setdefault(e.state.epoch, []).append(batch.tolist()))
+        SamplerEpoch(sampler).attach(trainer)
+        return trainer, loader, seen
+
+    full, loader, seen_full = engine()
+    full.run(loader, max_epochs=3)
+    assert seen_full[1] != seen_full[2] != seen_full[3]
+    first, loader, _ = engine()
+    first.add_event_handler(Events.EPOCH_COMPLETED(once=2), lambda e: e.terminate())
+    first.run(loader, max_epochs=3)
+    resumed, loader, seen_resumed = engine()
+    resumed.load_state_dict(first.state_dict())  # what the checkpoint of the trainer restores
+    resumed.run(loader)
+    assert list(seen_resumed) == [3] and seen_resumed[3] == seen_full[3]

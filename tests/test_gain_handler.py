@@ -235,3 +235,20 @@ def test_distributed_data_parallel_gives_the_same_gradients() -> None:
         assert out["loss_am"].item() > 0
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "bounds",
+    [(-0.1, 0.5), (0.2, 1.5), (0.6, 0.4), (0.3,), (0.1, 0.2, 0.3), "0.1,0.2", (0.1, math.nan), ("a", 0.2), 0.5],
+)
+def test_invalid_area_bounds_fail_at_construction(bounds: Any) -> None:
+    with pytest.raises(ValueError, match=r"area_bounds must be two numbers 0 <= lo <= hi <= 1"):
+        GAINHandler("features.act2", area_weight=1.0, area_bounds=bounds, am_start_epoch=5)
+    with pytest.raises(ValueError, match="area_bounds"):
+        GAINHandler("features.act2", area_weight=0.0, area_bounds=bounds)
+
+
+def test_valid_area_bounds_are_kept_as_floats() -> None:
+    assert GAINHandler("features.act2", area_weight=1.0, area_bounds=[0, 1]).area_bounds == (0.0, 1.0)
+    assert GAINHandler("features.act2", area_bounds=(0.05, 0.05)).area_bounds == (0.05, 0.05)
+    assert GAINHandler("features.act2").area_bounds is None

@@ -30,6 +30,7 @@ from medgain.metrics import (
     attention_iou,
     binary_labels,
     positive_probability,
+    positive_score,
     scores_and_labels,
     tpr_at_fpr,
 )
@@ -105,7 +106,7 @@ def test_tpr_at_fpr_metric_accumulates() -> None:
     metric = TPRAtFPRMetric(0.1)
     for chunk in np.array_split(np.arange(scores.size), 7):
         metric(torch.from_numpy(scores[chunk])[:, None], torch.from_numpy(labels[chunk]))
-    tpr, threshold = sklearn_tpr_at_fpr(scores.astype(np.float32), labels, 0.1)
+    tpr, threshold = sklearn_tpr_at_fpr(scores, labels, 0.1)  # accumulated in float64, never rounded
     assert metric.aggregate() == tpr
     assert metric.threshold == threshold
     metric.reset()
@@ -171,7 +172,9 @@ def test_output_transforms_on_batched_and_decollated_output() -> None:
     for out in (output, decollate_batch(output)):
         scores, labels = scores_and_labels(out)
         assert labels.tolist() == [1, 1, 0]
-        assert scores.tolist() == pytest.approx((1 - torch.softmax(output["pred"], 1)[:, 0]).tolist())
+        p_ill = 1 - torch.softmax(output["pred"].double(), 1)[:, 0]
+        assert scores.dtype == torch.float64
+        assert scores.tolist() == pytest.approx(torch.logit(p_ill).tolist())  # the log-odds of being ill
         got_cam, got_mask, include = attention_inputs(out)
         assert torch.equal(got_cam, cam) and torch.equal(got_mask, mask)
         assert include.tolist() == [False, True, False]  # has_mask and ill
@@ -246,12 +249,12 @@ def test_handlers_in_supervised_evaluator() -> None:
     labels = [0, 1, 0, 2, 1, 0, 0, 1]
     evaluator, out = run_evaluator(labels)
     metrics = evaluator.state.metrics
-    scores, ill = positive_probability(out["pred"]), binary_labels(out["label"])
+    scores, ill = positive_score(out["pred"]), binary_labels(out["label"])
     assert ill.tolist() == [int(v != 0) for v in labels]
     for name, max_fpr in (("val_tpr_at_fpr_0.001", 0.001), ("val_tpr_at_fpr_0.0005", 0.0005)):
         tpr, threshold = tpr_at_fpr(scores, ill, max_fpr)
         assert metrics[name] == tpr
-        assert metrics[f"{name}_threshold"] == threshold
+        assert metrics.get(f"{name}_threshold", math.inf) == threshold  # an infinite threshold is left out
     assert metrics["val_auc"] == compute_roc_auc(scores, ill)
     assert metrics["val_auc"] == pytest.approx(roc_auc_score(ill.numpy(), scores.numpy()))
     include = ill.bool() & out["has_mask"].bool()
@@ -272,6 +275,7 @@ def test_handlers_single_class_give_nan_with_warnings() -> None:
     assert "skip AUC computation" in messages
     assert "AttentionIoUMetric: no ill sample" in messages
     assert "AttentionInMaskMetric: no ill sample" in messages
-    names = ["val_tpr_at_fpr_0.001", "val_tpr_at_fpr_0.001_threshold", "val_tpr_at_fpr_0.0005", "val_auc"]
+    names = ["val_tpr_at_fpr_0.001", "val_tpr_at_fpr_0.0005", "val_auc"]
     for name in [*names, "val_iou", "val_attention_in_mask"]:
         assert math.isnan(evaluator.state.metrics[name]), name
+    assert "val_tpr_at_fpr_0.001_threshold" not in evaluator.state.metrics  # NaN thresholds are never written

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.transforms import Compose, RandFlipd, RandRotate90d
+from monai.transforms import Compose, RandFlipd, RandRotate90d, Resized
 from PIL import Image
 from pydicom import dcmread
 from pydicom.pixels import convert_color_space
@@ -23,6 +23,7 @@ from medgain.transforms import (
     LabelMapToMaskd,
     LoadFramed,
     LoadLabelMapd,
+    ResizeLesionMaskd,
     count_frames,
     iter_frames,
     read_frame,
@@ -178,11 +179,14 @@ def test_frame_out_of_range_and_unsupported_photometric(tmp_path):
     Image.fromarray(RGB8).save(png)
     with pytest.raises(ValueError, match=r"a\.png: frame index 1 out of range"):
         LoadFramed()({"image": str(png), "frame": 1})
-    palette = write_dicom(tmp_path / "pal.dcm", GREY8, "MONOCHROME2", 8)
-    ds = dcmread(palette)
-    ds.PhotometricInterpretation = "PALETTE COLOR"
-    ds.save_as(palette)
-    with pytest.raises(ValueError, match=r"pal\.dcm: unsupported photometric interpretation 'PALETTE COLOR'"):
+    hsv = write_dicom(tmp_path / "hsv.dcm", RGB8, "RGB", 8)
+    ds = dcmread(hsv)
+    ds.PhotometricInterpretation = "HSV"
+    ds.save_as(hsv)
+    with pytest.raises(ValueError, match=r"hsv\.dcm: unsupported photometric interpretation 'HSV'"):
+        read_frame(hsv)
+    palette = write_dicom(tmp_path / "pal.dcm", GREY8, "PALETTE COLOR", 8)  # no colour lookup table
+    with pytest.raises(ValueError, match=r"pal\.dcm: PALETTE COLOR image has no .*Palette Color Lookup Table"):
         read_frame(palette)
 
 
@@ -293,3 +297,133 @@ def test_joint_augmentation_keeps_mask_aligned(tmp_path):
         assert int(lesion.sum()) == 6
         layouts.add(tuple(lesion.flatten().tolist()))
     assert len(layouts) > 2  # the augmentations really moved the lesion
+
+
+def write_palette_dicom(path: Path, indices: np.ndarray, luts: np.ndarray, bits: int, first_mapped: int = 0) -> Path:
+    """A PALETTE COLOR DICOM file: ``indices`` stored as pixels, ``luts`` (3, entries) as the R/G/B tables."""
+    write_dicom(path, indices, "PALETTE COLOR", 8 * indices.itemsize)
+    ds = dcmread(path)
+    for colour, lut in zip(("Red", "Green", "Blue"), luts):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [len(lut), first_mapped, bits])
+        ds[f"{colour}PaletteColorLookupTableDescriptor"].VR = "US"
+        setattr(ds, f"{colour}PaletteColorLookupTableData", lut.astype(f"<u{bits // 8}").tobytes())
+    ds.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_dicom_palette_colour_applies_the_lookup_table(tmp_path, bits):
+    top = 2**bits - 1
+    luts = np.stack([np.linspace(0, top, 256), np.linspace(top, 0, 256), np.full(256, top // 3)]).round()
+    path = write_palette_dicom(tmp_path / f"pal{bits}.dcm", GREY8, luts, bits)
+    expected = np.stack([luts[c][GREY8] for c in range(3)], axis=-1) / top
+    out = read_frame(path)
+    assert out.shape == (4, 5, 3) and out.dtype == np.float32
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    assert out.max() <= 1.0 and out.min() >= 0.0
+
+
+def test_dicom_palette_colour_multi_frame_and_first_mapped(tmp_path):
+    clip = RNG.integers(0, 20, (2, 4, 5), dtype=np.uint8)
+    luts = np.stack([np.arange(16) * 4000, np.arange(16) * 100, 65535 - np.arange(16) * 4000])
+    path = write_palette_dicom(tmp_path / "clip.dcm", clip, luts, 16, first_mapped=2)
+    # indices below the first mapped value take the first entry, above the table the last one
+    lookup = np.clip(clip.astype(np.int64) - 2, 0, 15)
+    expected = np.stack([luts[c][lookup] for c in range(3)], axis=-1) / 65535.0
+    frames = list(iter_frames(path))
+    assert len(frames) == 2
+    for frame in range(2):
+        np.testing.assert_allclose(read_frame(path, frame), expected[frame], atol=1e-6)
+        np.testing.assert_allclose(frames[frame], expected[frame], atol=1e-6)
+
+
+def _components(mask: np.ndarray) -> int:
+    from skimage.measure import label
+
+    return int(label(mask > 0, connectivity=2).max())
+
+
+def test_resize_lesion_mask_keeps_tiny_lesions(tmp_path):
+    mask = torch.zeros(1, 64, 64)
+    mask[0, 10:12, 20:22] = 1  # a 2 x 2 lesion: 1/16 of one output pixel
+    mask[0, 32:48, 0:16] = 1  # a large lesion: exactly 2 x 2 output pixels
+    d = {"image": torch.zeros(3, 64, 64), "mask": mask, "has_mask": True, "label": 1, "image_path": "a.png"}
+    nearest = Resized(keys=["mask"], spatial_size=(8, 8), mode="nearest")(dict(d))["mask"]
+    assert _components(np.asarray(nearest[0])) == 1  # the problem: nearest-neighbour loses the small lesion
+    out = ResizeLesionMaskd(keys=["mask"], spatial_size=(8, 8))(d)
+    small = torch.zeros(8, 8)
+    small[1, 2] = 1
+    small[4:6, 0:2] = 1
+    assert out["has_mask"] is True and out["mask"].dtype == torch.float32
+    np.testing.assert_array_equal(np.asarray(out["mask"][0]), small.numpy())
+    assert torch.equal(d["mask"], mask)  # the input is not modified
+
+
+def test_resize_lesion_mask_every_component_survives_any_scale():
+    rng = np.random.default_rng(0)
+    for size, out_size in (((50, 50), (7, 7)), ((37, 61), (10, 13)), ((9, 11), (20, 30))):
+        source = np.zeros((2, *size), np.float32)
+        source[:, ::2, ::2] = rng.random((2, (size[0] + 1) // 2, (size[1] + 1) // 2)) < 0.05  # isolated specks
+        out = ResizeLesionMaskd(keys="mask", spatial_size=out_size)({"mask": torch.from_numpy(source)})["mask"]
+        assert tuple(out.shape) == (2, *out_size) and set(np.unique(out.numpy())) <= {0.0, 1.0}
+        for channel in range(2):
+            for r, c in zip(*np.nonzero(source[channel])):
+                # output pixel whose area window holds the speck (integer window arithmetic)
+                assert out[channel, r * out_size[0] // size[0], c * out_size[1] // size[1]] == 1
+        dense = torch.zeros(1, *size)
+        dense[0, : size[0] // 2] = 1  # the top rows: coverage >= 0.5 keeps about the same share of the output
+        half = ResizeLesionMaskd(keys="mask", spatial_size=out_size)({"mask": dense})["mask"]
+        assert abs(float(half.mean()) - (size[0] // 2) / size[0]) <= 1.0 / out_size[0]
+
+
+def test_resize_lesion_mask_empty_positive_loses_has_mask(caplog):
+    transform = ResizeLesionMaskd(keys=["mask"], spatial_size=(4, 4))
+    empty = {"mask": torch.zeros(1, 16, 16), "has_mask": True, "label": 1, "image_path": "/data/ill_07.png"}
+    with caplog.at_level("WARNING", logger="medgain.transforms.label_map"):
+        out = transform(empty)
+    assert out["has_mask"] is False
+    assert "/data/ill_07.png" in caplog.text and "empty" in caplog.text
+    caplog.clear()
+    negative = transform({**empty, "label": 0})
+    budgeted = transform({**empty, "has_mask": False})
+    assert negative["has_mask"] is True and budgeted["has_mask"] is False and not caplog.text
+    for bad in ((4, 0), (4, 4, 4), 2.5, True):
+        with pytest.raises(ValueError, match="spatial_size must be one or two positive integers"):
+            ResizeLesionMaskd(keys=["mask"], spatial_size=bad)
+    assert ResizeLesionMaskd(keys=["mask"], spatial_size=6).spatial_size == (6, 6)
+    with pytest.raises(ValueError, match=r"ill_07\.png: 'mask' must be a \(C, H, W\) mask"):
+        transform({**empty, "mask": torch.zeros(16, 16)})
+
+
+def test_resize_lesion_mask_in_the_loading_pipeline(tmp_path):
+    label = np.zeros((40, 40), np.uint8)
+    label[5, 7] = 1  # one-pixel lesion: 1/25 of an output pixel
+    image, label_path = _image_and_label(tmp_path, label)
+    empty_image, empty_label = _image_and_label(tmp_path, np.zeros((40, 40), np.uint8), name="b")
+    pipeline = Compose(
+        [
+            LoadFramed(),
+            LoadLabelMapd(),
+            LabelMapToMaskd(),
+            Resized(keys=["image"], spatial_size=(8, 8), mode="bilinear"),
+            ResizeLesionMaskd(keys=["mask"], spatial_size=(8, 8)),
+        ]
+    )
+    d = pipeline({"image": image, "label_map": label_path, "label": 1})
+    assert d["has_mask"] is True and int(d["mask"].sum()) == 1 and d["mask"][0, 1, 1] == 1
+    assert type(d["mask"]) is torch.Tensor and tuple(d["image"].shape) == (3, 8, 8)
+    assert pipeline({"image": empty_image, "label_map": empty_label, "label": 1})["has_mask"] is False
+
+
+def test_dicom_palette_colour_with_a_segmented_lookup_table(tmp_path):
+    from pydicom.data import get_palette_files
+    from pydicom.pixels import apply_color_lut
+
+    spring = dcmread(get_palette_files("spring.dcm")[0])  # a DICOM well-known palette, stored segmented
+    path = write_dicom(tmp_path / "seg.dcm", GREY8, "PALETTE COLOR", 8)
+    ds = dcmread(path)
+    for colour in ("Red", "Green", "Blue"):
+        for name in (f"{colour}PaletteColorLookupTableDescriptor", f"Segmented{colour}PaletteColorLookupTableData"):
+            ds[name] = spring[name]
+    ds.save_as(path)
+    np.testing.assert_allclose(read_frame(path), apply_color_lut(GREY8, spring) / 255.0, atol=1e-6)

@@ -96,11 +96,12 @@ def expand_frames(items: Sequence[dict], image_key: str = "image", frame_key: st
     return expanded
 
 
-def _budget_rank(seed: int, item: dict, image_key: str, frame_key: str) -> tuple[str, str]:
-    # the file name, not the absolute path, so that the choice is the same wherever the data set is stored
-    path = Path(str(item[image_key]))
-    identity = json.dumps([int(seed), path.name, int(item.get(frame_key, 0))])
-    return hashlib.sha1(identity.encode()).hexdigest(), str(path)
+def _budget_rank(seed: int, item: dict, image_key: str, frame_key: str, base_dir: str) -> tuple[str, str]:
+    # the path inside the data set, not the absolute path: the same choice wherever the data set is stored
+    path = str(item[image_key])
+    relative = Path(os.path.relpath(os.path.abspath(path), base_dir)).as_posix()
+    identity = json.dumps([int(seed), relative, int(item.get(frame_key, 0))])
+    return hashlib.sha1(identity.encode()).hexdigest(), relative
 
 
 def apply_mask_budget(
@@ -112,13 +113,15 @@ def apply_mask_budget(
     label_map_key: str = "label_map",
     image_key: str = "image",
     frame_key: str = "frame",
+    base_dir: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Keep lesion masks for a seeded fraction of the positives that have a label map.
 
     Of the ``n`` positive items (non-zero label) with a label map, exactly ``round(fraction * n)`` (at least 1
     when ``fraction > 0`` and ``n > 0``) keep their mask. They are the first in the order of
-    ``sha1(seed, image file name, frame)``, so the choice is deterministic, independent of the item order
-    and of where the data set is stored.
+    ``sha1(seed, image path relative to base_dir, frame)``, so the choice is deterministic, independent of the
+    item order and of where the data set is stored, and per-video folders of identically named frames
+    (``video_1/frame_0001.png``, ``video_2/frame_0001.png`` …) get different frames chosen.
 
     Args:
         items: datalist items.
@@ -129,6 +132,8 @@ def apply_mask_budget(
         label_map_key: key of the label map path.
         image_key: key of the image path (part of the ranking hash).
         frame_key: key of the frame index (part of the ranking hash, 0 when absent).
+        base_dir: root of the data set, e.g. the datalist's folder; default: the deepest folder that holds
+            every eligible image.
 
     Returns:
         New item dicts with ``has_mask`` set.
@@ -142,7 +147,12 @@ def apply_mask_budget(
     keep = round(fraction * len(eligible))
     if fraction > 0 and eligible:
         keep = max(1, keep)
-    ranked = sorted(eligible, key=lambda i: _budget_rank(seed, items[i], image_key, frame_key))
+    if base_dir is not None:
+        base = os.path.abspath(base_dir)
+    else:
+        folders = [os.path.dirname(os.path.abspath(str(items[i][image_key]))) for i in eligible]
+        base = os.path.commonpath(folders) if folders else ""
+    ranked = sorted(eligible, key=lambda i: _budget_rank(seed, items[i], image_key, frame_key, base))
     chosen = set(ranked[:keep])
     return [{**item, has_mask_key: i in chosen} for i, item in enumerate(items)]
 

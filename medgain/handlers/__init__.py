@@ -4,17 +4,28 @@ from medgain.handlers.attention_in_mask import AttentionInMask
 from medgain.handlers.attention_iou import AttentionIoU
 from medgain.handlers.attention_overlay import AttentionOverlaySaver
 from medgain.handlers.auc import AUC
-from medgain.handlers.best_checkpoint import BestModelSaver, load_model_weights, load_operating_point
+from medgain.handlers.best_checkpoint import BestModelSaver
 from medgain.handlers.cam_inferer import GradCamInferer
-from medgain.handlers.classification_metrics import classification_metrics
+from medgain.handlers.checkpoint_pruner import CheckpointPruner
+from medgain.handlers.classification_metrics import ClassificationMetrics
 from medgain.handlers.failure import TrainingFailureHandler
 from medgain.handlers.gain import GAINHandler, gain_loss_terms
+from medgain.handlers.glimpse_inferer import GlimpseInferer
+from medgain.handlers.glimpse_loss import GlimpseLossHandler, glimpse_loss_terms
+from medgain.handlers.glimpse_metrics import GlimpseStatistic, glimpse_metrics, glimpse_records, glimpse_statistics
+from medgain.handlers.glimpse_overlay import GlimpseOverlaySaver, draw_glimpses
+from medgain.handlers.glimpse_predictions import GlimpsePredictionWriter
 from medgain.handlers.heatmap_writer import HeatmapWriter
 from medgain.handlers.metrics_json import MetricsJSONWriter
+from medgain.handlers.model_registration import ModelRegistration
+from medgain.handlers.operating_point import OperatingPointMetrics
 from medgain.handlers.prediction_writer import PredictionCSVWriter
 from medgain.handlers.resume import ResumeFromCheckpoint
 from medgain.handlers.roc_plot import ROCCurveSaver
+from medgain.handlers.sampler_epoch import SamplerEpoch
+from medgain.handlers.run_tags import RunTags
 from medgain.handlers.tpr_at_fpr import TPRAtFPR
+from medgain.handlers.unveil_panels import UnveilPanelSaver
 
 __all__ = [
     "AUC",
@@ -22,17 +33,31 @@ __all__ = [
     "AttentionIoU",
     "AttentionOverlaySaver",
     "BestModelSaver",
+    "CheckpointPruner",
+    "ClassificationMetrics",
     "GAINHandler",
+    "GlimpseInferer",
+    "GlimpseLossHandler",
+    "GlimpseOverlaySaver",
+    "GlimpsePredictionWriter",
+    "GlimpseStatistic",
     "GradCamInferer",
     "HeatmapWriter",
     "MetricsJSONWriter",
+    "ModelRegistration",
+    "OperatingPointMetrics",
     "PredictionCSVWriter",
     "ROCCurveSaver",
     "ResumeFromCheckpoint",
+    "SamplerEpoch",
+    "RunTags",
     "TPRAtFPR",
     "TrainingFailureHandler",
-    "classification_metrics",
+    "draw_glimpses",
     "gain_loss_terms",
-    "load_model_weights",
-    "load_operating_point",
+    "glimpse_loss_terms",
+    "glimpse_metrics",
+    "glimpse_records",
+    "glimpse_statistics",
+    "UnveilPanelSaver",
 ]

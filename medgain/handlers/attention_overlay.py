@@ -1,16 +1,28 @@
-"""A fixed panel of validation samples with their Grad-CAM, rendered every round to follow the attention."""
+"""A fixed gallery of samples with their Grad-CAM on one common scale, rendered every round (or once for a test
+split) to follow where the model looks."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import matplotlib
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
-from medgain.attention import normalize_cam
-from medgain.handlers.utils import attach_per_round, batch_has, class_indices, log_artifact, require_keys
-from medgain.metrics.scores import binary_labels, positive_probability, stack_output
+from medgain.handlers.utils import (
+    attach_per_round,
+    batch_has,
+    class_indices,
+    log_artifact,
+    require_keys,
+    sample_ids,
+)
+from medgain.metrics.scores import binary_labels, positive_score, score_to_probability, stack_output
+from medgain.model_file import load_operating_point
 from medgain.visualize import cam_overlay, to_display_rgb
 
 if TYPE_CHECKING:
@@ -21,18 +33,23 @@ __all__ = ["AttentionOverlaySaver"]
 
 
 class AttentionOverlaySaver:
-    """Renders the Grad-CAM of a fixed set of validation samples as one grid PNG per evaluation round.
+    """Renders the Grad-CAM of a fixed set of samples as one gallery PNG per evaluation round.
 
-    The set is the first ``num_positives`` ill and ``num_negatives`` healthy samples in validation order (the
-    validation loader is not shuffled, so the same samples are shown every round); only those samples are
-    copied to CPU memory. Each column shows a sample: on top the image titled with its label and predicted
-    probability of being ill, below it the normalised cam (jet colour map, alpha blended) with the lesion-mask
-    contour when the sample has a real mask. With ``epoch = engine.state.epoch`` the grid is written to
-    ``output_dir/attention/epoch_{epoch:03d}.png`` at ``Events.EPOCH_COMPLETED`` and logged to MLflow under
-    ``artifact_path``. Fewer samples are shown when the validation set has fewer of a class.
+    The set is the first ``num_positives`` ill and ``num_negatives`` healthy samples in loader order (the
+    evaluation loader is not shuffled, so the same samples are shown every round); only those samples are
+    copied to CPU memory. Each column shows a sample: on top the image, below it its raw Grad-CAM on ONE colour
+    scale shared by the whole gallery (0 to the gallery's largest value, with a colour bar), so a healthy frame
+    the model does not attend to stays dark instead of showing a bright "finding" of its own maximum; the
+    lesion-mask contour is drawn when the sample has a real mask. Under each column: the frame (file name and
+    frame index), its label, p(ill), the threshold and the decision at that threshold.
+
+    The threshold (log-odds, shown as a probability) is the validation round's ``threshold_metric`` or the
+    operating point of ``checkpoint``; "no operating point" is printed when there is none. The gallery is written
+    to ``output_dir/attention/<split>_epoch_<epoch:03d>.png`` (``per_round``) or
+    ``output_dir/attention/<split>.png``, titled with the split, and logged to MLflow under ``artifact_path``.
 
     The evaluator must produce ``cam_key`` (see :class:`~medgain.handlers.cam_inferer.GradCamInferer`) and,
-    for the contours, ``mask`` and ``has_mask``.
+    for the contours, ``mask`` and ``has_mask``; the batches carry ``image_path`` and ``frame``.
 
     Args:
         output_dir: folder under which ``attention/`` is created.
@@ -42,6 +59,10 @@ class AttentionOverlaySaver:
         artifact_path: MLflow artifact folder.
         cam_key: output key of the raw Grad-CAM maps (B, 1, H, W).
         alpha: weight of the coloured cam in the overlay.
+        split: name of the evaluated split, in titles and file names ("validation", "test").
+        per_round: one file per round (validation during training) or a single file (a test evaluation).
+        threshold_metric: ``engine.state.metrics`` key of the round's log-odds threshold.
+        checkpoint: model file whose operating point gives the threshold (instead of ``threshold_metric``).
     """
 
     def __init__(
@@ -53,6 +74,10 @@ class AttentionOverlaySaver:
         artifact_path: str = "attention",
         cam_key: str = "cam",
         alpha: float = 0.5,
+        split: str = "validation",
+        per_round: bool = True,
+        threshold_metric: str | None = "val_tpr_at_fpr_0.001_threshold",
+        checkpoint: str | None = None,
     ) -> None:
         if num_positives < 0 or num_negatives < 0 or num_positives + num_negatives == 0:
             raise ValueError(
@@ -66,6 +91,10 @@ class AttentionOverlaySaver:
         self.artifact_path = artifact_path
         self.cam_key = cam_key
         self.alpha = alpha
+        self.split = split
+        self.per_round = per_round
+        self.threshold_metric = threshold_metric
+        self.checkpoint = checkpoint
         self.samples: list[dict[str, Any]] = []
 
     def attach(self, engine: Engine) -> None:
@@ -90,7 +119,8 @@ class AttentionOverlaySaver:
         image, label, pred, cam = stack_output(output, ("image", "label", "pred", self.cam_key))
         ill = binary_labels(label).tolist()
         classes = class_indices(label).tolist()
-        probability = positive_probability(pred).tolist()
+        scores = positive_score(pred).tolist()
+        ids = sample_ids(engine.state.batch, "image_path", "frame", "AttentionOverlaySaver")
         mask = stack_output(output, ("mask",))[0] if batch_has(output, "mask") else None
         has_mask = None
         if batch_has(output, "has_mask"):
@@ -102,36 +132,59 @@ class AttentionOverlaySaver:
             self.samples.append(
                 {
                     "image": image[i].detach().cpu().clone(),
-                    "cam": normalize_cam(cam[i : i + 1].detach().float())[0, 0].cpu(),
+                    "cam": cam[i, 0].detach().float().cpu().clone(),
                     "mask": mask[i].reshape(mask.shape[-2:]).detach().float().cpu().clone() if real_mask else None,
                     "ill": bool(is_ill),
                     "class": int(classes[i]),
-                    "probability": float(probability[i]),
+                    "score": float(scores[i]),
+                    "id": f"{Path(ids[i][0]).name}" + (f" f{ids[i][1]}" if ids[i][1] else ""),
                 }
             )
             need_pos, need_neg = self._missing()
 
+    def _threshold(self, engine: Engine) -> float | None:
+        if self.checkpoint is not None:
+            value = load_operating_point(self.checkpoint).get("threshold")
+        else:
+            value = engine.state.metrics.get(self.threshold_metric) if self.threshold_metric else None
+        return None if value is None or not math.isfinite(float(value)) else float(value)
+
     def write(self, engine: Engine) -> None:
-        """Render (and log) the grid of the round."""
+        """Render (and log) the gallery of the round."""
         if not self.samples:
-            warnings.warn("AttentionOverlaySaver: no validation sample seen, no attention grid written", stacklevel=2)
+            warnings.warn("AttentionOverlaySaver: no sample seen, no attention gallery written", stacklevel=2)
             return
         ordered = [s for s in self.samples if s["ill"]] + [s for s in self.samples if not s["ill"]]
-        fig = Figure(figsize=(2.2 * len(ordered), 4.8), layout="constrained")
-        fig.suptitle(f"Grad-CAM, epoch {engine.state.epoch}")
+        threshold = self._threshold(engine)
+        scale = max(float(s["cam"].max()) for s in ordered)
+        scale = scale if scale > 0 else 1.0
+        epoch = int(engine.state.epoch)
+        fig = Figure(figsize=(2.3 * len(ordered) + 1.0, 5.8), layout="constrained")
+        title = f"Grad-CAM, {self.split} split" + (f", epoch {epoch}" if self.per_round else "")
+        shown = f"p(ill) >= {float(score_to_probability(threshold)):.4g}" if threshold is not None else "none"
+        fig.suptitle(f"{title} — one colour scale for all frames (0 to {scale:.3g}); operating point: {shown}")
         axes = fig.subplots(2, len(ordered), squeeze=False)
         for column, sample in enumerate(ordered):
             top, bottom = axes[0, column], axes[1, column]
             top.imshow(to_display_rgb(sample["image"]))
             status = "ill" if sample["ill"] else "healthy"
-            top.set_title(f"label {sample['class']} ({status})\np(ill) = {sample['probability']:.3f}", fontsize=9)
-            bottom.imshow(cam_overlay(sample["image"], sample["cam"], alpha=self.alpha))
+            top.set_title(f"{sample['id']}\nlabel {sample['class']} ({status})", fontsize=8)
+            bottom.imshow(cam_overlay(sample["image"], (sample["cam"] / scale).clamp(0, 1), alpha=self.alpha))
             if sample["mask"] is not None:
                 bottom.contour(sample["mask"].numpy(), levels=[0.5], colors="white", linewidths=1.0)
+            p = float(score_to_probability(sample["score"]))
+            if threshold is None:
+                verdict = "no operating point"
+            else:
+                verdict = "decision: ILL" if sample["score"] >= threshold else "decision: healthy"
+            bottom.set_title(f"p(ill) = {p:.4f}\n{verdict}", fontsize=8, y=-0.32)
             for ax in (top, bottom):
                 ax.set_axis_off()
+        colours = ScalarMappable(norm=Normalize(0.0, scale), cmap=matplotlib.colormaps["jet"])
+        fig.colorbar(colours, ax=axes[1, :].tolist(), shrink=0.8, label="Grad-CAM (common scale)")
         folder = self.output_dir / "attention"
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"epoch_{int(engine.state.epoch):03d}.png"
+        name = f"{self.split}_epoch_{epoch:03d}.png" if self.per_round else f"{self.split}.png"
+        path = folder / name
         fig.savefig(path, dpi=100)
         log_artifact(self.mlflow_handler, path, self.artifact_path)

@@ -1,4 +1,4 @@
-"""Ignite handler: ROC AUC of the probability of being ill."""
+"""Ignite handler: ROC AUC of the log-odds of being ill."""
 
 from __future__ import annotations
 

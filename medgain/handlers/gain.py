@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
+from numbers import Real
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -62,6 +63,15 @@ def _batchnorm_eval(module: nn.Module, enabled: bool) -> Iterator[None]:
             m.training = True
 
 
+def _check_area_bounds(bounds: Any) -> tuple[float, float]:
+    """``(lo, hi)`` as floats, or ValueError unless it is two real numbers with ``0 <= lo <= hi <= 1``."""
+    valid = isinstance(bounds, Sequence) and not isinstance(bounds, str) and len(bounds) == 2
+    valid = valid and all(isinstance(v, Real) and not isinstance(v, bool) for v in bounds)
+    if not valid or not 0.0 <= float(bounds[0]) <= float(bounds[1]) <= 1.0:
+        raise ValueError(f"area_bounds must be two numbers 0 <= lo <= hi <= 1 (image fractions), got {bounds!r}")
+    return float(bounds[0]), float(bounds[1])
+
+
 def _unwrap(network: nn.Module) -> nn.Module:
     """The module inside a DistributedDataParallel / DataParallel wrapper (or the network itself)."""
     wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
@@ -98,7 +108,8 @@ class GAINHandler:
         am_weight: weight of the attention-mining loss (0 disables the second forward).
         ex_weight: weight of the extra-supervision loss.
         area_weight: weight of the attention-area bound.
-        area_bounds: (lo, hi) prior interval of the soft-mask area; required when ``area_weight > 0``.
+        area_bounds: (lo, hi) prior interval of the soft-mask area, fractions with ``0 <= lo <= hi <= 1``
+            (checked here, not when the warm-up ends); required when ``area_weight > 0``.
         am_on_all: mine attention on every sample's ground-truth class, not only on positives.
         am_start_epoch: epochs of warm-up (0-based count) before L_am and the area bound switch on.
         ex_start_epoch: epochs of warm-up before L_ex switches on.
@@ -140,10 +151,12 @@ class GAINHandler:
             raise ValueError(f"grad_magnitude must be > 0 (inf switches the gradients off), got {grad_magnitude}")
         if area_weight > 0 and area_bounds is None:
             raise ValueError("area_weight > 0 needs area_bounds=(lo, hi)")
+        if area_bounds is not None:
+            area_bounds = _check_area_bounds(area_bounds)
         self.target_layer = target_layer
         self.sigma, self.omega = float(sigma), float(omega)
         self.am_weight, self.ex_weight, self.area_weight = float(am_weight), float(ex_weight), float(area_weight)
-        self.area_bounds = None if area_bounds is None else (float(area_bounds[0]), float(area_bounds[1]))
+        self.area_bounds = area_bounds
         self.am_on_all = am_on_all
         self.am_start_epoch, self.ex_start_epoch = int(am_start_epoch), int(ex_start_epoch)
         self.grad_magnitude = float(grad_magnitude)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 
 from medgain.handlers.utils import active_run_id, attach_once, finite_or_none, log_artifact, metrics_as_floats
 
@@ -18,13 +19,17 @@ if TYPE_CHECKING:
 
 __all__ = ["MetricsJSONWriter"]
 
+logger = logging.getLogger(__name__)
+
 
 class MetricsJSONWriter:
     """At ``Events.COMPLETED`` writes ``engine.state.metrics`` to a JSON file and optionally to MLflow.
 
-    The JSON holds one number per metric, keys sorted, NaN / infinite values as ``null``. With an MLflow
-    handler the finite metrics are logged as MLflow metrics (step ``engine.state.epoch``, names prefixed with
-    ``prefix``) and the JSON as an artifact at the run's root.
+    The JSON holds one number per metric, keys sorted, NaN / infinite values as ``null``. What a figure cannot
+    mean (``engine.state.metric_notes``, e.g. a false-alarm budget finer than one negative of the split) goes
+    beside it into ``<stem>_notes.json`` and, in MLflow, into run tags ``note.<metric>``. With an MLflow handler
+    the finite metrics are logged as MLflow metrics (step ``engine.state.epoch``, names prefixed with ``prefix``)
+    and the JSON files as artifacts at the run's root.
 
     Args:
         output_path: path of the JSON file; missing folders are created.
@@ -49,6 +54,13 @@ class MetricsJSONWriter:
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
         payload = {name: finite_or_none(value) for name, value in metrics.items()}
         self.output_path.write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        notes = dict(getattr(engine.state, "metric_notes", None) or {})
+        notes_path = self.output_path.with_name(f"{self.output_path.stem}_notes.json")
+        notes_path.unlink(missing_ok=True)
+        if notes:
+            notes_path.write_text(json.dumps(notes, indent=2, sort_keys=True) + "\n")
+            for name, note in sorted(notes.items()):
+                logger.warning("%s: %s", name, note)
         if self.mlflow_handler is None:
             return
         timestamp = int(time.time() * 1000)
@@ -58,5 +70,8 @@ class MetricsJSONWriter:
             for name, value in metrics.items()
             if math.isfinite(value)
         ]
-        self.mlflow_handler.client.log_batch(active_run_id(self.mlflow_handler), metrics=logged)
+        tags = [RunTag(f"note.{self.prefix}{name}", note) for name, note in sorted(notes.items())]
+        self.mlflow_handler.client.log_batch(active_run_id(self.mlflow_handler), metrics=logged, tags=tags)
         log_artifact(self.mlflow_handler, self.output_path, None)
+        if notes:
+            log_artifact(self.mlflow_handler, notes_path, None)

@@ -1,17 +1,19 @@
-"""One CSV row per frame: file, frame, probability of being ill and the decision at the operating point."""
+"""One CSV row per frame: file, frame, log-odds and probability of being ill, and the decision at the operating
+point that ships with the model."""
 
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from medgain.handlers.best_checkpoint import load_operating_point
 from medgain.handlers.utils import attach_once, batch_has, class_indices, log_artifact, require_keys, sample_ids
-from medgain.metrics.scores import positive_probability, stack_output
+from medgain.metrics.scores import positive_score, score_to_probability, stack_output
+from medgain.model_file import decision_threshold, load_operating_point
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -19,20 +21,25 @@ if TYPE_CHECKING:
 
 __all__ = ["PredictionCSVWriter"]
 
+logger = logging.getLogger(__name__)
+
 
 class PredictionCSVWriter:
-    """Writes ``output_dir/filename`` with one row per frame: ``file, frame, probability, decision[, label]``.
+    """Writes ``output_dir/filename`` with one row per frame: ``file, frame, score, probability, decision[, label]``.
 
-    ``probability`` is the probability of being ill (:func:`~medgain.metrics.scores.positive_probability` of
-    ``pred``), ``decision`` is 1 ("ill") when ``probability >= threshold`` and 0 otherwise, ``label`` the
-    ground-truth class index when the batches hold ``label_key`` (left empty for rows whose batch has none).
-    The threshold is ``threshold``, or the operating point of ``checkpoint`` (read when the engine starts).
-    Rows are buffered and written at ``Events.COMPLETED``, then logged to MLflow when a handler is given.
+    ``score`` is the log-odds of being ill (:func:`~medgain.metrics.scores.positive_score` of ``pred``, float64,
+    the value thresholded), ``probability`` its sigmoid (for reading), ``decision`` 1 ("ill") when
+    ``score >= threshold`` and 0 otherwise, ``label`` the ground-truth class index when the batches hold
+    ``label_key`` (left empty for rows whose batch has none). The threshold is ``threshold``, or the operating
+    point of ``checkpoint`` (read when the engine starts). A checkpoint without an operating point gets no
+    decisions: the column is left empty and the refusal is logged as an error (scores and probabilities are
+    still written). Rows are buffered and written at ``Events.COMPLETED``, then logged to MLflow when a handler
+    is given.
 
     Args:
         output_dir: folder of the CSV file; created when missing.
         filename: CSV file name.
-        threshold: decision threshold on the probability; exclusive with ``checkpoint``.
+        threshold: decision threshold on the log-odds; exclusive with ``checkpoint``.
         checkpoint: a :class:`~medgain.handlers.best_checkpoint.BestModelSaver` checkpoint whose operating
             point gives the threshold; exclusive with ``threshold``.
         path_key: batch key of the source file paths.
@@ -57,8 +64,8 @@ class PredictionCSVWriter:
                 f"PredictionCSVWriter: give exactly one of threshold and checkpoint, got threshold={threshold}, "
                 f"checkpoint={checkpoint}"
             )
-        if threshold is not None and math.isnan(threshold):
-            raise ValueError("PredictionCSVWriter: threshold is NaN")
+        if threshold is not None and not math.isfinite(threshold):
+            raise ValueError(f"PredictionCSVWriter: threshold must be finite, got {threshold}")
         self.output_path = Path(output_dir) / filename
         self.threshold = None if threshold is None else float(threshold)
         self.checkpoint = checkpoint
@@ -66,7 +73,7 @@ class PredictionCSVWriter:
         self.frame_key = frame_key
         self.label_key = label_key
         self.mlflow_handler = mlflow_handler
-        self.rows: list[tuple[str, int, float, int, int | None]] = []
+        self.rows: list[tuple[str, int, float, int | None, int | None]] = []
 
     def attach(self, engine: Engine) -> None:
         """Collect rows every iteration of ``engine`` and write them when it completes."""
@@ -78,33 +85,30 @@ class PredictionCSVWriter:
         )
 
     def start(self, engine: Engine | None = None) -> None:
-        """Empty the rows and read the checkpoint's threshold.
-
-        Raises:
-            ValueError: when the checkpoint's threshold is NaN (its validation round had a single class).
-        """
+        """Empty the rows and read the checkpoint's threshold (None when the model has no operating point)."""
         self.rows = []
-        if self.checkpoint is not None:
-            self.threshold = float(load_operating_point(self.checkpoint)["threshold"])
-            if math.isnan(self.threshold):
-                raise ValueError(
-                    f"{self.checkpoint}: the operating point's threshold is NaN (chosen on a validation round "
-                    "with a single class); give a threshold instead"
-                )
+        if self.checkpoint is None:
+            return
+        try:
+            self.threshold = decision_threshold(load_operating_point(self.checkpoint), self.checkpoint)
+        except ValueError as err:
+            self.threshold = None
+            logger.error("%s No decisions are written; the scores and probabilities are.", err)
 
     def __call__(self, engine: Engine) -> None:
         """Buffer the rows of one batch."""
         batch = engine.state.batch
         ids = sample_ids(batch, self.path_key, self.frame_key, "PredictionCSVWriter")
         require_keys(engine.state.output, ("pred",), "PredictionCSVWriter")
-        probabilities = positive_probability(stack_output(engine.state.output, ("pred",))[0]).tolist()
-        if len(probabilities) != len(ids):
-            raise ValueError(f"PredictionCSVWriter: {len(probabilities)} predictions for {len(ids)} batch entries")
+        scores = positive_score(stack_output(engine.state.output, ("pred",))[0]).cpu().tolist()
+        if len(scores) != len(ids):
+            raise ValueError(f"PredictionCSVWriter: {len(scores)} predictions for {len(ids)} batch entries")
         labels: list[int | None] = [None] * len(ids)
         if batch_has(batch, self.label_key):
             labels = class_indices(stack_output(batch, (self.label_key,))[0]).to(torch.int64).tolist()
-        for (path, frame), p, label in zip(ids, probabilities, labels):
-            self.rows.append((path, frame, p, int(p >= self.threshold), label))  # type: ignore[operator]
+        for (path, frame), score, label in zip(ids, scores, labels):
+            decision = None if self.threshold is None else int(score >= self.threshold)
+            self.rows.append((path, frame, score, decision, label))
 
     def write(self, engine: Engine | None = None) -> None:
         """Write (and log) the CSV file."""
@@ -112,7 +116,10 @@ class PredictionCSVWriter:
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.output_path, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["file", "frame", "probability", "decision"] + (["label"] if with_labels else []))
-            for path, frame, p, decision, label in self.rows:
-                writer.writerow([path, frame, p, decision] + (["" if label is None else label] if with_labels else []))
+            header = ["file", "frame", "score", "probability", "decision"] + (["label"] if with_labels else [])
+            writer.writerow(header)
+            for path, frame, score, decision, label in self.rows:
+                row = [path, frame, repr(score), f"{float(score_to_probability(score)):.6g}"]
+                row.append("" if decision is None else decision)
+                writer.writerow(row + (["" if label is None else label] if with_labels else []))
         log_artifact(self.mlflow_handler, self.output_path, None)

@@ -1,4 +1,4 @@
-"""The validation ROC curve of every round as a plot and a table, with the very-low-FPR region visible."""
+"""The ROC curve of every evaluation round as a plot and a table, with the very-low-FPR region visible."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from medgain.handlers.utils import attach_per_round, log_artifact
 from medgain.metrics.roc import operating_point, roc_curve
-from medgain.metrics.scores import binary_labels, positive_probability, stack_output
+from medgain.metrics.scores import binary_labels, positive_score, score_to_probability, stack_output
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -25,22 +25,27 @@ __all__ = ["ROCCurveSaver"]
 class ROCCurveSaver:
     """Plots and tabulates the ROC curve of each evaluation round (ill vs healthy).
 
-    Each iteration the probability of being ill (:func:`~medgain.metrics.scores.positive_probability` of
-    ``pred``) and the ill/healthy label are accumulated; at ``Events.EPOCH_COMPLETED`` it writes, with
-    ``epoch = engine.state.epoch``:
+    Each iteration the log-odds of being ill (:func:`~medgain.metrics.scores.positive_score` of ``pred``) and
+    the ill/healthy label are accumulated; at ``Events.EPOCH_COMPLETED`` it writes ``<stem>.png`` and
+    ``<stem>.csv`` with ``<stem> = output_dir/roc_<split>_epoch_<epoch:03d>`` (``per_round``) or
+    ``output_dir/roc_<split>``:
 
-    - ``output_dir/roc_epoch_{epoch:03d}.png``: the curve on a linear and on a log-FPR axis (an FPR of 0 is
-      drawn at half the smallest non-zero FPR), with the operating point of each ``max_fprs`` marked;
-    - ``output_dir/roc_epoch_{epoch:03d}.csv``: the exact curve, columns ``fpr, tpr, threshold``.
+    - the plot: the curve on a linear axis and on a symmetric-log FPR axis (linear below one negative's share, so
+      FPR = 0 is drawn at 0, honestly), titled with the split, with the operating point of each ``max_fprs``
+      marked with its own marker and colour;
+    - the table: the exact curve, columns ``fpr, tpr, threshold`` (log-odds) and ``probability`` (its sigmoid).
 
-    A round with a single class has no ROC curve: a warning is issued and ``roc_epoch_{epoch:03d}.txt``
-    explains why. Files are logged to MLflow under ``artifact_path`` when a handler is given.
+    A round with a single class has no ROC curve: a warning is issued and ``<stem>.txt`` explains why. Files are
+    logged to MLflow under ``artifact_path`` when a handler is given.
 
     Args:
         output_dir: folder of the files; created when missing.
         mlflow_handler: the MONAI ``MLFlowHandler`` owning the run, or None to only write files.
         max_fprs: false-alarm budgets whose operating points are marked.
         artifact_path: MLflow artifact folder.
+        split: name of the evaluated split, in titles and file names ("validation", "test").
+        per_round: one file per round (validation during training) or a single file (a test evaluation).
+        checkpoint: model file whose stored operating point is marked on the curve (a star), as shipped.
     """
 
     def __init__(
@@ -49,6 +54,9 @@ class ROCCurveSaver:
         mlflow_handler: MLFlowHandler | None = None,
         max_fprs: Sequence[float] = (0.0005, 0.001),
         artifact_path: str = "roc",
+        split: str = "validation",
+        per_round: bool = True,
+        checkpoint: str | None = None,
     ) -> None:
         bad = [f for f in max_fprs if not 0.0 <= float(f) <= 1.0]
         if bad:
@@ -57,6 +65,9 @@ class ROCCurveSaver:
         self.mlflow_handler = mlflow_handler
         self.max_fprs = tuple(float(f) for f in max_fprs)
         self.artifact_path = artifact_path
+        self.split = split
+        self.per_round = per_round
+        self.checkpoint = checkpoint
         self._scores: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
 
@@ -69,9 +80,9 @@ class ROCCurveSaver:
         self._scores, self._labels = [], []
 
     def __call__(self, engine: Engine) -> None:
-        """Accumulate the probabilities and labels of one batch."""
+        """Accumulate the scores and labels of one batch."""
         logits, labels = stack_output(engine.state.output, ("pred", "label"))
-        self._scores.append(positive_probability(logits).cpu().numpy())
+        self._scores.append(positive_score(logits).cpu().numpy())
         self._labels.append(binary_labels(labels).cpu().numpy())
 
     def write(self, engine: Engine) -> None:
@@ -82,11 +93,11 @@ class ROCCurveSaver:
         n_pos = int(labels.sum())
         n_neg = labels.size - n_pos
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        stem = self.output_dir / f"roc_epoch_{epoch:03d}"
+        stem = self.output_dir / (f"roc_{self.split}_epoch_{epoch:03d}" if self.per_round else f"roc_{self.split}")
         if n_pos == 0 or n_neg == 0:
             note = (
-                f"No ROC curve at epoch {epoch}: the validation set has {n_pos} ill and {n_neg} healthy samples; "
-                "a ROC curve needs both."
+                f"No ROC curve for the {self.split} split{self._when(epoch)}: it has {n_pos} ill and {n_neg} "
+                "healthy samples; a ROC curve needs both."
             )
             warnings.warn(f"ROCCurveSaver: {note}", stacklevel=2)
             path = stem.with_suffix(".txt")
@@ -96,35 +107,59 @@ class ROCCurveSaver:
         fpr, tpr, thresholds = roc_curve(scores, labels)
         with open(stem.with_suffix(".csv"), "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["fpr", "tpr", "threshold"])
-            writer.writerows(zip(fpr.tolist(), tpr.tolist(), thresholds.tolist()))
+            writer.writerow(["fpr", "tpr", "threshold", "probability"])
+            probabilities = score_to_probability(thresholds.copy()).numpy()
+            writer.writerows(zip(fpr.tolist(), tpr.tolist(), thresholds.tolist(), probabilities.tolist()))
         self._plot(fpr, tpr, thresholds, epoch, n_pos, n_neg).savefig(stem.with_suffix(".png"), dpi=100)
         log_artifact(self.mlflow_handler, stem.with_suffix(".png"), self.artifact_path)
         log_artifact(self.mlflow_handler, stem.with_suffix(".csv"), self.artifact_path)
+
+    def _mark_shipped(self, fpr: np.ndarray, tpr: np.ndarray, thresholds: np.ndarray, axes: tuple) -> None:
+        """Mark where the model's stored threshold lands on this curve (the figures that ship)."""
+        from medgain.model_file import load_operating_point
+
+        threshold = load_operating_point(self.checkpoint).get("threshold")
+        if threshold is None:
+            return
+        k = int(np.count_nonzero(thresholds >= threshold)) - 1  # thresholds decrease along the curve
+        label = (
+            f"stored operating point (p >= {float(score_to_probability(threshold)):.4g}): "
+            f"TPR {tpr[k]:.3f}, FPR {fpr[k]:.4f}"
+        )
+        for ax in axes:
+            ax.plot([fpr[k]], [tpr[k]], "*", color="crimson", markersize=14, label=label, linestyle="none")
+
+    def _when(self, epoch: int) -> str:
+        return f", epoch {epoch}" if self.per_round else ""
 
     def _plot(
         self, fpr: np.ndarray, tpr: np.ndarray, thresholds: np.ndarray, epoch: int, n_pos: int, n_neg: int
     ) -> Figure:
         auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
-        floor = 0.5 / n_neg
+        step = 1.0 / n_neg  # the FPR of one false alarm: linear below it, logarithmic above
         fig = Figure(figsize=(10, 4.5), layout="constrained")
-        fig.suptitle(f"ROC, epoch {epoch}: AUC {auc:.4f} ({n_pos} ill, {n_neg} healthy)")
+        fig.suptitle(f"ROC, {self.split} split{self._when(epoch)}: AUC {auc:.4f} ({n_pos} ill, {n_neg} healthy)")
         linear, log = fig.subplots(1, 2)
         linear.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1)
-        linear.plot(fpr, tpr, color="C0", linewidth=1.5)
-        log.plot(np.maximum(fpr, floor), tpr, color="C0", linewidth=1.5)
-        for i, max_fpr in enumerate(self.max_fprs):
+        linear.plot(fpr, tpr, color="C0", linewidth=1.5, drawstyle="steps-post")
+        log.plot(fpr, tpr, color="C0", linewidth=1.5, drawstyle="steps-post")
+        for i, (max_fpr, marker) in enumerate(zip(self.max_fprs, "osD^v")):
             p_fpr, p_tpr, p_thr = operating_point(fpr, tpr, thresholds, max_fpr)
-            label = f"FPR <= {max_fpr:g}: TPR {p_tpr:.3f} at p >= {p_thr:.6g}"
-            for ax, budget, x in ((linear, max_fpr, p_fpr), (log, max(max_fpr, floor), max(p_fpr, floor))):
-                ax.axvline(budget, color=f"C{i + 1}", linestyle="--", linewidth=1)
-                ax.plot([x], [p_tpr], "o", color=f"C{i + 1}", label=label)
+            shown = f"p >= {float(score_to_probability(p_thr)):.6g}" if np.isfinite(p_thr) else "no finite threshold"
+            label = f"FPR <= {max_fpr:g}: TPR {p_tpr:.3f} ({shown})"
+            if max_fpr < step:
+                label += f"; < 1 false alarm in {n_neg}"
+            for ax in (linear, log):
+                ax.axvline(max_fpr, color=f"C{i + 1}", linestyle="--", linewidth=1)
+                ax.plot([p_fpr], [p_tpr], marker, color=f"C{i + 1}", markersize=8, label=label, linestyle="none")
+        if self.checkpoint is not None:
+            self._mark_shipped(fpr, tpr, thresholds, (linear, log))
         linear.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false-positive rate", ylabel="true-positive rate")
-        log.set_xscale("log")
+        log.set_xscale("symlog", linthresh=step, linscale=0.5)
         log.set(
-            xlim=(floor / 1.5, 1),
+            xlim=(0, 1),
             ylim=(0, 1.01),
-            xlabel=f"false-positive rate (log; 0 drawn at {floor:.2g})",
+            xlabel=f"false-positive rate (symmetric log: linear below 1/{n_neg}, 0 at 0)",
             ylabel="true-positive rate",
         )
         for ax in (linear, log):

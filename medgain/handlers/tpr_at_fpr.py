@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -18,9 +19,11 @@ __all__ = ["TPRAtFPR"]
 class TPRAtFPR(IgniteMetricHandler):
     """TPR at a false-positive rate of at most ``max_fpr`` over an epoch, on the exact ROC curve.
 
-    Besides ``engine.state.metrics[name]``, the decision threshold reaching that TPR (probability >= threshold
-    means "ill") is written to ``engine.state.metrics[name + "_threshold"]``. A single-class epoch gives NaN for
-    both, with a warning.
+    Besides ``engine.state.metrics[name]``, the decision threshold reaching that TPR (log-odds of being ill >=
+    threshold means "ill", see :func:`~medgain.metrics.scores.positive_score`) is written to
+    ``engine.state.metrics[name + "_threshold"]`` when it is finite; when it is not (TPR 0 at the budget: +inf; a
+    single-class epoch: NaN, with a warning) the key is left out, so no infinite threshold is ever logged or
+    stored.
 
     Args:
         max_fpr: the false-alarm budget in [0, 1], e.g. 0.001 for 0.1 %.
@@ -37,6 +40,9 @@ class TPRAtFPR(IgniteMetricHandler):
         )
 
     def completed(self, engine: Engine, name: str) -> None:
-        """Store the TPR under ``name`` and its threshold under ``name + "_threshold"``."""
+        """Store the TPR under ``name`` and its finite threshold under ``name + "_threshold"``."""
         super().completed(engine, name)
-        engine.state.metrics[f"{name}_threshold"] = self.metric_fn.threshold
+        if math.isfinite(self.metric_fn.threshold):
+            engine.state.metrics[f"{name}_threshold"] = self.metric_fn.threshold
+        else:
+            engine.state.metrics.pop(f"{name}_threshold", None)

@@ -11,9 +11,17 @@ import torch
 from monai.metrics import CumulativeIterationMetric
 from monai.utils import convert_to_numpy
 
-from medgain.metrics.scores import binary_labels, output_items, positive_probability, stack_output
+from medgain.metrics.scores import binary_labels, output_items, positive_score, stack_output
 
-__all__ = ["TPRAtFPRMetric", "operating_point", "roc_curve", "scores_and_labels", "tpr_at_fpr"]
+__all__ = [
+    "TPRAtFPRMetric",
+    "fpr_budget_note",
+    "min_negatives",
+    "operating_point",
+    "roc_curve",
+    "scores_and_labels",
+    "tpr_at_fpr",
+]
 
 
 def _checked(
@@ -98,7 +106,7 @@ def tpr_at_fpr(
     threshold grid is used, so rare operating points such as FPR 0.05 % are found exactly.
 
     Args:
-        scores: (N,) scores, higher meaning "positive" (e.g. the probability of being ill).
+        scores: (N,) scores, higher meaning "positive" (e.g. the log-odds of being ill, :func:`positive_score`).
         labels: (N,) ground truth, 1 = positive, 0 = negative.
         max_fpr: the false-alarm budget in [0, 1].
 
@@ -126,10 +134,32 @@ def tpr_at_fpr(
     return tpr, threshold
 
 
+def min_negatives(max_fpr: float) -> int:
+    """Fewest negatives for which a false-alarm budget allows one false alarm: ``ceil(1 / max_fpr)`` (1,000 for
+    0.1 %); with fewer, "TPR at FPR <= max_fpr" is the TPR at zero false alarms."""
+    if not 0.0 < max_fpr <= 1.0:
+        raise ValueError(f"min_negatives: max_fpr must be in (0, 1], got {max_fpr}")
+    return math.ceil(1.0 / max_fpr - 1e-9)
+
+
+def fpr_budget_note(n_negatives: int, max_fpr: float) -> str | None:
+    """A warning to print next to a TPR-at-FPR figure measured on too few negatives, or None when enough."""
+    needed = min_negatives(max_fpr)
+    if n_negatives >= needed:
+        return None
+    return (
+        f"only {n_negatives} negatives: an FPR budget of {max_fpr:g} needs >= {needed} negatives to allow a single "
+        "false alarm, so this figure is the TPR at zero false alarms"
+    )
+
+
 def scores_and_labels(
     output: Any, pred_key: str = "pred", label_key: str = "label"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output transform: ``(probability of being ill (B,), ill/healthy labels (B,))`` from an evaluator output.
+    """Output transform: ``(log-odds of being ill (B,) float64, ill/healthy labels (B,))`` from an evaluator output.
+
+    The log-odds (:func:`~medgain.metrics.scores.positive_score`) do not saturate, so thresholds found on them
+    separate frames whose probabilities would tie at 1.0.
 
     Args:
         output: ``engine.state.output``, a dict of batched tensors or a decollated list of per-sample dicts.
@@ -141,7 +171,7 @@ def scores_and_labels(
     """
     output_items(output, (pred_key, label_key), "scores_and_labels")
     logits, labels = stack_output(output, (pred_key, label_key))
-    return positive_probability(logits), binary_labels(labels)
+    return positive_score(logits), binary_labels(labels)
 
 
 class TPRAtFPRMetric(CumulativeIterationMetric):
@@ -172,7 +202,7 @@ class TPRAtFPRMetric(CumulativeIterationMetric):
                 f"TPRAtFPRMetric: expected one score and one label per sample, got y_pred {tuple(y_pred.shape)} "
                 f"and y {tuple(y.shape)}"
             )
-        return [y_pred.reshape(batch).float(), y.reshape(-1)]
+        return [y_pred.reshape(batch).double(), y.reshape(-1)]
 
     def aggregate(self) -> float:  # type: ignore[override]
         """TPR at ``max_fpr`` over everything accumulated; NaN with a warning when only one class was seen."""

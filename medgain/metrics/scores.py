@@ -7,18 +7,40 @@ from typing import Any
 
 import torch
 
-__all__ = ["binary_labels", "decisions_and_labels", "output_items", "positive_probability", "stack_output"]
+__all__ = [
+    "binary_labels",
+    "decisions_and_labels",
+    "output_items",
+    "positive_probability",
+    "positive_score",
+    "score_to_probability",
+    "stack_output",
+]
+
+
+def positive_score(logits: torch.Tensor) -> torch.Tensor:
+    """Log-odds that a sample is ill, float64, shape (B,): the score medgain ranks and thresholds.
+
+    A single logit: the logit itself. Several classes (class 0 = healthy): ``logsumexp(z[1:]) - z[0]``, i.e.
+    ``log(p_ill / p_healthy)``. Unlike a probability it does not saturate: two frames whose probabilities are both
+    1.0 in float32 (logit margins of 18 and 30) keep distinct scores, so rankings, ROC curves and thresholds at
+    very low false-alarm rates stay exact.
+    """
+    logits = logits.detach().reshape(logits.shape[0], -1).double()
+    if logits.shape[1] == 1:
+        return logits[:, 0]
+    return torch.logsumexp(logits[:, 1:], dim=1) - logits[:, 0]
+
+
+def score_to_probability(score: torch.Tensor | float) -> torch.Tensor:
+    """Probability of being ill for display, from a :func:`positive_score` (float64 sigmoid)."""
+    return torch.sigmoid(torch.as_tensor(score, dtype=torch.float64))
 
 
 def positive_probability(logits: torch.Tensor) -> torch.Tensor:
-    """Probability that a sample is ill, shape (B,).
-
-    A single logit: its sigmoid. Several classes (class 0 = healthy): 1 - softmax probability of class 0.
-    """
-    logits = logits.detach().reshape(logits.shape[0], -1).float()
-    if logits.shape[1] == 1:
-        return torch.sigmoid(logits[:, 0])
-    return 1.0 - torch.softmax(logits, dim=1)[:, 0]
+    """Probability that a sample is ill, float64, shape (B,), for display only (rank and threshold with
+    :func:`positive_score`: probabilities of confident frames round to 1.0 and tie)."""
+    return score_to_probability(positive_score(logits))
 
 
 def binary_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -51,7 +73,8 @@ def output_items(output: Any, keys: Sequence[str], owner: str, hint: str = "") -
     return items
 
 
-def decisions_and_labels(output: Any, threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output transform for accuracy-type metrics: ``(ill decision at threshold (B,), ill/healthy label (B,))``."""
+def decisions_and_labels(output: Any, threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output transform for accuracy-type metrics: ``(ill decision (B,), ill/healthy label (B,))``; the decision
+    is ``positive_score >= threshold`` (log-odds; 0 is a probability of 0.5)."""
     logits, labels = stack_output(output, ("pred", "label"))
-    return (positive_probability(logits) >= threshold).long(), binary_labels(labels)
+    return (positive_score(logits) >= threshold).long(), binary_labels(labels)

@@ -1,5 +1,29 @@
-"""medgain.networks: classifier registry with default Grad-CAM layers."""
+"""medgain.networks: classifier registry with default Grad-CAM layers, and the recurrent glimpse model."""
 
-from medgain.networks.classifiers import TARGET_LAYERS, build_classifier
+from medgain.networks.chipnet import ChipNet
+from medgain.networks.classifiers import IMAGENET_NORMALIZATION, TARGET_LAYERS, build_classifier, default_normalization
+from medgain.networks.fusion import FusionClassifier, backbone_features
+from medgain.networks.glimpse import (
+    GlimpseOutput,
+    RecurrentGlimpseNetwork,
+    gaussian_filterbank,
+    gaussian_glimpses,
+    glimpse_encoder,
+    glimpse_geometry,
+)
 
-__all__ = ["TARGET_LAYERS", "build_classifier"]
+__all__ = [
+    "ChipNet",
+    "FusionClassifier",
+    "backbone_features",
+    "IMAGENET_NORMALIZATION",
+    "default_normalization",
+    "TARGET_LAYERS",
+    "GlimpseOutput",
+    "RecurrentGlimpseNetwork",
+    "build_classifier",
+    "gaussian_filterbank",
+    "gaussian_glimpses",
+    "glimpse_encoder",
+    "glimpse_geometry",
+]

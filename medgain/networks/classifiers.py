@@ -10,7 +10,7 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-__all__ = ["TARGET_LAYERS", "build_classifier"]
+__all__ = ["IMAGENET_NORMALIZATION", "TARGET_LAYERS", "build_classifier", "default_normalization"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +23,36 @@ TARGET_LAYERS: dict[str, str] = {
     "efficientnet-b0": "features.8",
     "small_cnn": "features.3",
 }
+
+
+#: mean / std of the ImageNet training images (RGB, inputs in [0, 1]): the normalisation of pretrained weights.
+IMAGENET_NORMALIZATION: dict[str, list[float]] = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+def default_normalization(pretrained_path: str | Path | None) -> dict[str, list[float]] | None:
+    """ImageNet normalisation when pretrained weights are used, else None (inputs stay in [0, 1])."""
+    return {k: list(v) for k, v in IMAGENET_NORMALIZATION.items()} if pretrained_path else None
+
+
+def _normalize_input(module: nn.Module, args: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+    """Forward pre-hook: ``(x - mean) / std`` of the network input (typed so that TorchScript can export it)."""
+    return ((args[0] - module.input_mean) / module.input_std,)
+
+
+def _add_input_normalization(net: nn.Module, normalization: dict[str, list[float]], in_channels: int) -> None:
+    """Make ``net`` normalise its input itself (non-persistent buffers + a forward pre-hook), so that images,
+    erase fill colours and overlays stay in [0, 1] everywhere outside the network."""
+    mean = torch.as_tensor(normalization["mean"], dtype=torch.float32).reshape(1, -1, 1, 1)
+    std = torch.as_tensor(normalization["std"], dtype=torch.float32).reshape(1, -1, 1, 1)
+    if mean.shape[1] != in_channels or std.shape[1] != in_channels:
+        raise ValueError(
+            f"normalization has {mean.shape[1]} mean / {std.shape[1]} std values for {in_channels} input channels"
+        )
+    if not bool((std > 0).all()):
+        raise ValueError(f"normalization std must be positive, got {normalization['std']}")
+    net.register_buffer("input_mean", mean, persistent=False)
+    net.register_buffer("input_std", std, persistent=False)
+    net.register_forward_pre_hook(_normalize_input)
 
 
 def _replace_conv(parent: nn.Module, name: str, in_channels: int) -> None:
@@ -120,7 +150,11 @@ def _load_pretrained(net: nn.Module, path: str | Path) -> None:
 
 
 def build_classifier(
-    name: str, num_classes: int, in_channels: int = 3, pretrained_path: str | Path | None = None
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    pretrained_path: str | Path | None = None,
+    normalization: dict[str, list[float]] | None = None,
 ) -> nn.Module:
     """Build a registered classifier; its Grad-CAM layer is ``TARGET_LAYERS[name]``.
 
@@ -131,6 +165,9 @@ def build_classifier(
         in_channels: input channels.
         pretrained_path: local state dict (e.g. ImageNet weights) loaded with ``weights_only=True``; tensors whose
             shape differs (the classifier head for another number of classes) keep their fresh initialisation.
+        normalization: ``{"mean": [...], "std": [...]}`` (one value per input channel) that the network applies to
+            its [0, 1] input itself, e.g. :data:`IMAGENET_NORMALIZATION` for pretrained weights
+            (:func:`default_normalization`); None for none.
 
     Raises:
         ValueError: unknown name, or weights that do not belong to this architecture.
@@ -141,4 +178,6 @@ def build_classifier(
     net = _BUILDERS[name](num_classes, in_channels)
     if pretrained_path is not None:
         _load_pretrained(net, pretrained_path)
+    if normalization is not None:
+        _add_input_normalization(net, normalization, in_channels)
     return net

@@ -24,7 +24,14 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy.ndimage import gaussian_filter
 
-__all__ = ["LESION_KINDS", "SPLITS", "VL_ENDOSCOPIC_IMAGE_STORAGE", "make_capsule_dataset", "make_capsule_frame"]
+__all__ = [
+    "LESION_KINDS",
+    "SPLITS",
+    "VL_ENDOSCOPIC_IMAGE_STORAGE",
+    "make_capsule_dataset",
+    "make_capsule_frame",
+    "make_capsule_frame_lesions",
+]
 
 LESION_KINDS: dict[str, int] = {"ulcer": 1, "bleeding": 2, "angioectasia": 3, "polyp": 4}
 
@@ -43,6 +50,7 @@ _LESION_AREA = {
 }
 _LESION_WOBBLE = {"ulcer": 0.1, "bleeding": 0.16, "angioectasia": 0.12, "polyp": 0.05}
 _MAX_ELONGATION = 1.8
+_MAX_LESIONS = 5
 
 
 @dataclass(frozen=True)
@@ -189,11 +197,17 @@ def _away_from(points: np.ndarray, reach: np.ndarray, keep_out: list[tuple[float
 
 
 def _place_lesions(
-    rng: np.random.Generator, style: _StudyStyle, fov: tuple[float, float, float], light: np.ndarray, size: int
+    rng: np.random.Generator,
+    style: _StudyStyle,
+    fov: tuple[float, float, float],
+    light: np.ndarray,
+    size: int,
+    count: tuple[int, int] | None = None,
 ) -> list[tuple[_Lesion, float, float]]:
-    """1-2 lesions of the study's kinds, inside the field of view, well lit and not overlapping."""
+    """Lesions of the study's kinds, inside the field of view, well lit and not overlapping: 1-2 (65 % one)
+    or, with ``count = (low, high)``, a uniform number in [low, high] (fewer when the frame has no room)."""
     cx, cy, fr = fov
-    n = 1 if rng.random() < 0.65 else 2
+    n = (1 if rng.random() < 0.65 else 2) if count is None else int(rng.integers(count[0], count[1] + 1))
     placed: list[tuple[_Lesion, float, float]] = []
     for _ in range(n):
         lesion = _sample_lesion(rng, str(rng.choice(style.kinds)), size)
@@ -211,9 +225,16 @@ def _place_lesions(
 
 
 def _draw_lesion(
-    rng: np.random.Generator, albedo: np.ndarray, label: np.ndarray, lesion: _Lesion, cx: float, cy: float
+    rng: np.random.Generator,
+    albedo: np.ndarray,
+    label: np.ndarray,
+    lesion: _Lesion,
+    cx: float,
+    cy: float,
+    instances: np.ndarray,
+    index: int,
 ) -> None:
-    """Paint one lesion onto the mucosa albedo and its kind into the label map."""
+    """Paint one lesion onto the mucosa albedo, its kind into the label map and ``index`` into the instance map."""
     size = albedo.shape[0]
     sl, dx, dy = _patch(cx, cy, lesion.extent * 1.3, size)
     region = albedo[sl]
@@ -250,6 +271,7 @@ def _draw_lesion(
         region *= (1.0 - 0.35 * np.exp(-(((rho - 1.08) / 0.1) ** 2)) * direction)[..., None]
         inside = rho < 1.0
     label[sl][inside] = LESION_KINDS[lesion.kind]
+    instances[sl][inside] = index
 
 
 def _draw_debris(rng: np.random.Generator, albedo: np.ndarray, cx: float, cy: float, radius: float) -> None:
@@ -320,7 +342,12 @@ def _folds(
 
 
 def make_capsule_frame(
-    seed: int, study: int, frame: int, size: int = 256, positive: bool = False
+    seed: int,
+    study: int,
+    frame: int,
+    size: int = 256,
+    positive: bool = False,
+    lesions_per_frame: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render one synthetic capsule-endoscopy frame and its lesion label map.
 
@@ -331,13 +358,35 @@ def make_capsule_frame(
         study: index of the synthetic study; frames of a study share colour and texture style.
         frame: index of the frame within its study.
         size: height and width in pixels, at least 32.
-        positive: draw 1-2 lesions of the study's lesion kinds.
+        positive: draw lesions of the study's lesion kinds.
+        lesions_per_frame: ``(low, high)``: a positive frame gets a uniform number of lesions in [low, high]
+            (fewer when they do not fit); None: 1-2 lesions (65 % one), the generator's original rule.
 
     Returns:
         ``(image, label_map)``: (size, size, 3) uint8 RGB and (size, size) uint8 with 0 for background and
         :data:`LESION_KINDS` values on lesion pixels.
     """
+    image, label_map, _ = make_capsule_frame_lesions(seed, study, frame, size, positive, lesions_per_frame)
+    return image, label_map
+
+
+def make_capsule_frame_lesions(
+    seed: int,
+    study: int,
+    frame: int,
+    size: int = 256,
+    positive: bool = False,
+    lesions_per_frame: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`make_capsule_frame` plus the per-lesion label map.
+
+    Returns:
+        ``(image, label_map, lesion_map)``; ``lesion_map`` is (size, size) uint8 with 0 for background and k on
+        the pixels of the k-th lesion (lesions never overlap).
+    """
     _check_frame_args(seed, study, frame, size)
+    if lesions_per_frame is not None:
+        _check_lesion_count(lesions_per_frame)
     style = _study_style(seed, study)
     rng = np.random.default_rng([seed, _STREAM_FRAME, study, frame])
     yy, xx = _grid(size)
@@ -368,9 +417,10 @@ def make_capsule_frame(
         albedo *= 1.0 + weight[..., None] * np.array([0.06, -0.12, -0.12], np.float32)
 
     label = np.zeros((size, size), np.uint8)
-    lesions = _place_lesions(rng, style, fov, light, size) if positive else []
-    for lesion, x, y in lesions:
-        _draw_lesion(rng, albedo, label, lesion, x, y)
+    instances = np.zeros((size, size), np.uint8)
+    lesions = _place_lesions(rng, style, fov, light, size, lesions_per_frame) if positive else []
+    for index, (lesion, x, y) in enumerate(lesions, start=1):
+        _draw_lesion(rng, albedo, label, lesion, x, y, instances, index)
     keep_out = [(x, y, lesion.extent) for lesion, x, y in lesions]
 
     if rng.random() < style.debris_rate:
@@ -407,7 +457,7 @@ def make_capsule_frame(
     inside_fov = np.clip(fr - radial * fr + 0.5, 0.0, 1.0)[..., None]
     outside = rng.uniform(0.0, 6.0) + np.abs(rng.standard_normal((size, size, 1), dtype=np.float32))
     img = img * inside_fov + outside * (1.0 - inside_fov)
-    return np.clip(img + 0.5, 0.0, 255.0).astype(np.uint8), label
+    return np.clip(img + 0.5, 0.0, 255.0).astype(np.uint8), label, instances
 
 
 def _apportion(total: int, weights: Sequence[float], rng: np.random.Generator) -> np.ndarray:
@@ -509,6 +559,14 @@ def _write_dicom(path: Path, image: np.ndarray, seed: int, study: int, frame: in
     dcmwrite(path, ds, enforce_file_format=True)
 
 
+def _write_label_map(stem: Path, label_map: np.ndarray) -> None:
+    """``stem``.png and ``stem``.nii.gz (the array as-is, identity affine) of a uint8 label map."""
+    Image.fromarray(label_map).save(stem.with_name(f"{stem.name}.png"))
+    nifti = nib.Nifti1Image(label_map, np.eye(4))
+    nifti.set_data_dtype(np.uint8)
+    nib.save(nifti, stem.with_name(f"{stem.name}.nii.gz"))
+
+
 def _check_int(name: str, value: int, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
@@ -517,6 +575,18 @@ def _check_int(name: str, value: int, low: int) -> None:
 def _check_frame_args(seed: int, study: int, frame: int, size: int) -> None:
     for name, value, low in (("seed", seed, 0), ("study", study, 0), ("frame", frame, 0), ("size", size, 32)):
         _check_int(name, value, low)
+
+
+def _check_lesion_count(lesions_per_frame: Sequence[int]) -> None:
+    count = tuple(lesions_per_frame)
+    if (
+        len(count) != 2
+        or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in count)
+        or not 1 <= count[0] <= count[1] <= _MAX_LESIONS
+    ):
+        raise ValueError(
+            f"lesions_per_frame must be (low, high) with 1 <= low <= high <= {_MAX_LESIONS}, got {lesions_per_frame!r}."
+        )
 
 
 def _check_args(
@@ -552,6 +622,7 @@ def make_capsule_dataset(
     dicom: bool = False,
     frames_per_study: int = 20,
     split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    lesions_per_frame: tuple[int, int] | None = None,
 ) -> Path:
     """Write a synthetic capsule-endoscopy data set and its MONAI datalist.
 
@@ -564,6 +635,9 @@ def make_capsule_dataset(
     - ``labels/<name>.png`` and ``labels/<name>.nii.gz``: the (H, W) uint8 lesion label map (0 background,
       else the :data:`LESION_KINDS` value); the NIfTI holds the array as-is with an identity affine, so
       ``nib.load(p).get_fdata()`` equals the PNG array without transposition;
+    - with ``lesions_per_frame``: ``lesions/<name>.png`` and ``lesions/<name>.nii.gz``, the per-lesion label
+      map (0 background, k on the k-th lesion), and the datalist items also carry ``"lesion_map"`` (its PNG) and
+      ``"n_lesions"``;
     - ``datalist.json`` with items ``{"image", "label", "label_map", "study", "lesion_kinds", "shortcut"}``
       (paths relative to ``out_dir``), and ``dataset.json`` with the generation parameters and split counts.
 
@@ -580,6 +654,8 @@ def make_capsule_dataset(
         dicom: write frames as DICOM VL Endoscopic Image Storage instead of PNG.
         frames_per_study: frames per synthetic study (the last study may be shorter).
         split_fractions: fractions of studies for the training, validation and test splits.
+        lesions_per_frame: ``(low, high)`` lesions per positive frame (see :func:`make_capsule_frame`); None
+            keeps the original 1-2 rule and writes exactly what earlier versions wrote for the same seed.
 
     Returns:
         path of ``datalist.json``.
@@ -588,11 +664,16 @@ def make_capsule_dataset(
         ValueError: for an invalid argument, or when ``out_dir`` exists and is not a directory.
     """
     _check_args(n_frames, seed, size, prevalence, shortcut_rate, frames_per_study, split_fractions)
+    if lesions_per_frame is not None:
+        _check_lesion_count(lesions_per_frame)
+        lesions_per_frame = (int(lesions_per_frame[0]), int(lesions_per_frame[1]))
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory.")
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
+    if lesions_per_frame is not None:
+        (out / "lesions").mkdir(parents=True, exist_ok=True)
 
     plan_rng = np.random.default_rng([seed, _STREAM_PLAN])
     study_split, positive = _plan(n_frames, frames_per_study, prevalence, split_fractions, plan_rng)
@@ -606,7 +687,9 @@ def make_capsule_dataset(
     for index in range(n_frames):
         study, frame = divmod(index, frames_per_study)
         name = f"study{study:04d}_frame{frame:03d}"
-        image, label_map = make_capsule_frame(seed, study, frame, size=size, positive=bool(positive[index]))
+        image, label_map, lesion_map = make_capsule_frame_lesions(
+            seed, study, frame, size=size, positive=bool(positive[index]), lesions_per_frame=lesions_per_frame
+        )
         if shortcut[index]:
             image = _add_shortcut(image)
         image_path = f"images/{name}.dcm" if dicom else f"images/{name}.png"
@@ -614,20 +697,19 @@ def make_capsule_dataset(
             _write_dicom(out / image_path, image, seed, study, frame)
         else:
             Image.fromarray(image).save(out / image_path, compress_level=1)
-        Image.fromarray(label_map).save(out / f"labels/{name}.png")
-        nifti = nib.Nifti1Image(label_map, np.eye(4))
-        nifti.set_data_dtype(np.uint8)
-        nib.save(nifti, out / f"labels/{name}.nii.gz")
-        datalist[study_split[study]].append(
-            {
-                "image": image_path,
-                "label": int(positive[index]),
-                "label_map": f"labels/{name}.png",
-                "study": f"study{study:04d}",
-                "lesion_kinds": [int(k) for k in np.unique(label_map) if k],
-                "shortcut": bool(shortcut[index]),
-            }
-        )
+        _write_label_map(out / f"labels/{name}", label_map)
+        item = {
+            "image": image_path,
+            "label": int(positive[index]),
+            "label_map": f"labels/{name}.png",
+            "study": f"study{study:04d}",
+            "lesion_kinds": [int(k) for k in np.unique(label_map) if k],
+            "shortcut": bool(shortcut[index]),
+        }
+        if lesions_per_frame is not None:
+            _write_label_map(out / f"lesions/{name}", lesion_map)
+            item.update(lesion_map=f"lesions/{name}.png", n_lesions=int(lesion_map.max()))
+        datalist[study_split[study]].append(item)
 
     summary = {
         "name": "medgain synthetic capsule endoscopy",
@@ -640,6 +722,7 @@ def make_capsule_dataset(
         "dicom": bool(dicom),
         "frames_per_study": int(frames_per_study),
         "split_fractions": [float(f) for f in split_fractions],
+        **({} if lesions_per_frame is None else {"lesions_per_frame": list(lesions_per_frame)}),
         "lesion_kinds": LESION_KINDS,
         "splits": {
             name: {

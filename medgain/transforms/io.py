@@ -15,7 +15,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import iter_pixels, pixel_array
+from pydicom.pixels import apply_color_lut, iter_pixels, pixel_array
 
 __all__ = [
     "DICOM_SUFFIXES",
@@ -31,6 +31,8 @@ DICOM_SUFFIXES = (".dcm", ".dicom")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _GREY_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
 _COLOUR_PHOTOMETRIC = ("RGB", "YBR_FULL", "YBR_FULL_422")
+_PALETTE_PHOTOMETRIC = "PALETTE COLOR"
+_PALETTE_COLOURS = ("Red", "Green", "Blue")
 _PIL_DIRECT_MODES = ("1", "L", "LA", "RGB", "RGBA", "RGBX", "P", "PA")
 _PIL_16BIT_MODES = ("I;16", "I;16L", "I;16B", "I")
 
@@ -87,22 +89,47 @@ def _dicom_check_header(path: Path, ds: pydicom.Dataset) -> None:
     if "PhotometricInterpretation" not in ds:
         raise ValueError(f"{path}: DICOM header has no PhotometricInterpretation (not an image, or truncated)")
     photometric = str(ds.PhotometricInterpretation).strip()
-    if photometric not in _GREY_PHOTOMETRIC + _COLOUR_PHOTOMETRIC:
-        supported = ", ".join(_GREY_PHOTOMETRIC + _COLOUR_PHOTOMETRIC)
+    supported = (*_GREY_PHOTOMETRIC, *_COLOUR_PHOTOMETRIC, _PALETTE_PHOTOMETRIC)
+    if photometric not in supported:
         raise ValueError(
             f"{path}: unsupported photometric interpretation {photometric!r}, "
-            f"expected one of {supported}"
+            f"expected one of {', '.join(supported)}"
         )
     if "BitsStored" not in ds:
         raise ValueError(f"{path}: DICOM header has no BitsStored")
+    if photometric == _PALETTE_PHOTOMETRIC:
+        for colour in _PALETTE_COLOURS:
+            has_data = any(f"{kind}{colour}PaletteColorLookupTableData" in ds for kind in ("", "Segmented"))
+            if f"{colour}PaletteColorLookupTableDescriptor" not in ds or not has_data:
+                raise ValueError(
+                    f"{path}: PALETTE COLOR image has no {colour} Palette Color Lookup Table (Descriptor and Data)"
+                )
+
+
+def _palette_to_rgb(path: Path, ds: pydicom.Dataset, indices: np.ndarray) -> np.ndarray:
+    """Apply the colour lookup table of a PALETTE COLOR frame; scale by the table's bits per entry."""
+    if indices.ndim != 2:
+        raise ValueError(f"{path}: PALETTE COLOR frame has shape {indices.shape}, expected (rows, columns)")
+    try:
+        rgb = apply_color_lut(indices, ds)[..., :3]
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError) as err:
+        raise ValueError(f"{path}: cannot apply the palette colour lookup table ({err})") from err
+    top = 2**bits - 1
+    if rgb.size and int(rgb.max()) > top:
+        raise ValueError(f"{path}: palette colour lookup table holds values above its {bits} bits per entry")
+    return rgb.astype(np.float32) / float(top)
 
 
 def _dicom_to_rgb(path: Path, ds: pydicom.Dataset, pixels: np.ndarray) -> np.ndarray:
     """Scale one decoded DICOM frame by BitsStored and convert it to (H, W, 3) float32 in [0, 1].
 
-    pydicom already converts YBR_FULL / YBR_FULL_422 pixel data to RGB when decoding (``raw=False``).
+    pydicom already converts YBR_FULL / YBR_FULL_422 pixel data to RGB when decoding (``raw=False``). PALETTE
+    COLOR frames hold lookup-table indices: the table is applied and scaled by its bits per entry instead.
     """
     photometric = str(ds.PhotometricInterpretation).strip()
+    if photometric == _PALETTE_PHOTOMETRIC:
+        return _palette_to_rgb(path, ds, pixels)
     bits = int(ds.BitsStored)
     offset = 2.0 ** (bits - 1) if int(ds.get("PixelRepresentation", 0)) == 1 else 0.0
     values = (pixels.astype(np.float32) + offset) / float(2**bits - 1)
@@ -141,7 +168,9 @@ def read_frame(path: str | os.PathLike, frame: int = 0) -> np.ndarray:
     Returns:
         (H, W, 3) float32 array in [0, 1]. Grey images are repeated to 3 channels, alpha is dropped,
         palettes are expanded, 16-bit PNGs are scaled by 65535, DICOM by ``2**BitsStored - 1``,
-        MONOCHROME1 is inverted and YBR_FULL / YBR_FULL_422 converted to RGB.
+        MONOCHROME1 is inverted and YBR_FULL / YBR_FULL_422 converted to RGB. PALETTE COLOR DICOM goes through
+        its Red / Green / Blue Palette Color Lookup Tables (``pydicom.pixels.apply_color_lut``) and is scaled by
+        ``2**bits - 1`` of the tables' bits per entry (8 or 16, the descriptor's third value).
 
     Raises:
         FileNotFoundError: when the file does not exist.

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from monai.config import KeysCollection
 from monai.transforms import MapTransform
+from skimage.measure import label as connected_components
 
-__all__ = ["LabelMapToMaskd", "as_label_tuple"]
+__all__ = ["LabelMapToMaskd", "ResizeLesionMaskd", "as_label_tuple", "resize_lesion_mask"]
+
+logger = logging.getLogger(__name__)
 
 
 def as_label_tuple(labels: Sequence[int] | int, name: str = "lesion_labels") -> tuple[int, ...]:
@@ -88,4 +94,102 @@ class LabelMapToMaskd(MapTransform):
             mask = torch.zeros_like(label_map, dtype=torch.bool)
         d[self.mask_key] = mask.to(torch.float32)
         d[self.has_mask_key] = allowed
+        return d
+
+
+def resize_lesion_mask(mask: torch.Tensor | np.ndarray, spatial_size: Sequence[int]) -> torch.Tensor:
+    """Resize binary lesion masks so that no lesion vanishes.
+
+    Each output pixel is set when the lesion covers at least half of its area (area interpolation, as
+    ``torch.nn.functional.interpolate(mode="area")``). A lesion (8-connected component of a channel) none of whose
+    pixels falls in a set output pixel is then drawn at the output pixels that hold its pixels: source pixel
+    ``(r, c)`` of an ``(H, W)`` mask lies in output pixel ``(r * h // H, c * w // W)``. So a lesion of any size
+    keeps at least one pixel, at its place, while large lesions keep their area.
+
+    Args:
+        mask: (C, H, W) mask, non-zero = lesion.
+        spatial_size: output (h, w).
+
+    Returns:
+        (C, h, w) float32 mask of 0 / 1.
+    """
+    source = torch.as_tensor(mask).detach().cpu().as_subclass(torch.Tensor) != 0
+    h, w = (int(v) for v in spatial_size)
+    height, width = source.shape[-2:]
+    keep = F.interpolate(source[None].float(), size=(h, w), mode="area")[0] >= 0.5
+    rows = (np.arange(height) * h) // height
+    cols = (np.arange(width) * w) // width
+    out = keep.numpy()
+    for channel, lesion in enumerate(source.numpy()):
+        components = connected_components(lesion, connectivity=2)
+        if not components.any():
+            continue
+        kept_home = out[channel][np.ix_(rows, cols)]  # is the output pixel holding each source pixel set?
+        represented = np.unique(components[kept_home & lesion])
+        vanished = lesion & ~np.isin(components, represented)
+        r, c = np.nonzero(vanished)
+        out[channel, rows[r], cols[c]] = True
+    return torch.from_numpy(out.astype(np.float32))
+
+
+class ResizeLesionMaskd(MapTransform):
+    """Resize binary lesion masks to the network input size without losing small lesions, and drop the
+    ``has_mask`` flag of positives whose mask is empty at that size.
+
+    Masks are resized by :func:`resize_lesion_mask` (area coverage >= 0.5, plus every lesion that would vanish
+    kept at its place), not by nearest-neighbour sampling, which skips lesions smaller than about the scale
+    factor. A positive item (``label_key`` absent or with a non-zero value) whose ``has_mask`` is true but whose
+    masks are all empty after resizing (e.g. its label map holds no lesion label) gets ``has_mask`` False and a
+    logged warning naming its file: training then gives it no mask supervision and evaluation does not score its
+    attention, the same treatment in both.
+
+    Args:
+        keys: keys of the (C, H, W) masks to resize.
+        spatial_size: output (h, w), or one integer for a square, e.g. the network input size.
+        has_mask_key: key of the has-mask flag (read when present).
+        label_key: key of the class label (integer or multi-hot).
+        path_key: key of the source file path used in warnings and errors.
+        allow_missing_keys: don't raise when a key is missing.
+
+    Raises:
+        ValueError: when ``spatial_size`` is not one or two positive integers, or a mask is not (C, H, W).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        spatial_size: Sequence[int] | int,
+        has_mask_key: str = "has_mask",
+        label_key: str = "label",
+        path_key: str = "image_path",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        size = tuple(spatial_size) if isinstance(spatial_size, Sequence) else (spatial_size, spatial_size)
+        integers = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size)
+        if len(size) != 2 or not integers or min(size) < 1:
+            raise ValueError(f"spatial_size must be one or two positive integers (h, w), got {spatial_size!r}")
+        self.spatial_size = (int(size[0]), int(size[1]))
+        self.has_mask_key = has_mask_key
+        self.label_key = label_key
+        self.path_key = path_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        name = d.get(self.path_key, "(unknown image)")
+        lesion = False
+        for key in self.key_iterator(d):
+            if not isinstance(d[key], (torch.Tensor, np.ndarray)) or d[key].ndim != 3:
+                raise ValueError(f"{name}: {key!r} must be a (C, H, W) mask, got {getattr(d[key], 'shape', d[key])!r}")
+            d[key] = resize_lesion_mask(d[key], self.spatial_size)
+            lesion = lesion or bool(d[key].any())
+        label = d.get(self.label_key)
+        positive = label is None or bool(torch.as_tensor(label).ne(0).any())
+        if positive and not lesion and bool(d.get(self.has_mask_key, False)):
+            logger.warning(
+                "%s: lesion mask is empty at %s x %s; has_mask set to False (no mask supervision, not scored)",
+                name,
+                *self.spatial_size,
+            )
+            d[self.has_mask_key] = False
         return d

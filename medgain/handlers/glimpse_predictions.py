@@ -1,0 +1,163 @@
+"""Inference output of the glimpse model: a CSV row per image with every glimpse, and the overlay PNGs."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pydicom
+import torch
+from PIL import Image, UnidentifiedImageError
+from pydicom.errors import InvalidDicomError
+
+from medgain.handlers.glimpse_overlay import draw_glimpses, glimpse_boxes
+from medgain.handlers.utils import attach_once, batch_has, class_indices, log_artifact, require_keys, sample_ids
+from medgain.metrics.scores import positive_score, score_to_probability, stack_output
+from medgain.model_file import decision_threshold, load_operating_point
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+    from monai.handlers import MLFlowHandler
+
+__all__ = ["GlimpsePredictionWriter"]
+
+logger = logging.getLogger(__name__)
+
+
+def _source_scale(path: str, height: int, width: int) -> tuple[float, float]:
+    """Source-image pixels per network-input pixel, along x and y, from the file header (PIL or DICOM)."""
+    try:
+        with Image.open(path) as img:
+            source_w, source_h = img.size
+    except (UnidentifiedImageError, OSError):
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            source_h, source_w = int(header.Rows), int(header.Columns)
+        except (InvalidDicomError, OSError, AttributeError) as err:
+            raise ValueError(f"{path}: cannot read the image size from the file header ({err})") from err
+    return source_w / width, source_h / height
+
+
+class GlimpsePredictionWriter:
+    """Writes ``output_dir/filename`` with one row per image and ``output_dir/glimpses/<stem>_f<frame>.png``.
+
+    Columns: ``file, frame, score, probability, decision[, label]``, then for each glimpse ``t`` (in order)
+    ``glimpse<t>_x, glimpse<t>_y, glimpse<t>_width, glimpse<t>_height``: centre and extent of the glimpse in
+    pixels of the source image (its size read from the file header; the network may have read a resized copy,
+    where the glimpse is a square of ``scale`` times the shorter side). ``score`` is the
+    log-odds of being ill (:func:`~medgain.metrics.scores.positive_score`), ``probability`` its sigmoid,
+    ``decision`` 1 when ``score >= threshold``; the threshold is ``threshold`` or the operating point of
+    ``checkpoint`` — a checkpoint without one gets an empty decision column and a logged error. The overlay shows
+    the image the network read with the glimpses drawn in order
+    (:func:`~medgain.handlers.glimpse_overlay.draw_glimpses`).
+
+    Args:
+        output_dir: folder of the CSV file and of ``glimpses/``; created when missing.
+        filename: CSV file name.
+        threshold: decision threshold on the log-odds; exclusive with ``checkpoint``.
+        checkpoint: a :class:`~medgain.handlers.BestModelSaver` checkpoint whose operating point gives the
+            threshold; exclusive with ``threshold``.
+        overlays: also write the overlay PNGs.
+        path_key: batch key of the source file paths.
+        frame_key: batch key of the frame indices.
+        label_key: batch key of the class indices (0 = normal), written when present.
+        mlflow_handler: the MONAI ``MLFlowHandler`` owning the run, or None to only write files.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        filename: str = "predictions.csv",
+        threshold: float | None = None,
+        checkpoint: str | None = None,
+        overlays: bool = True,
+        path_key: str = "image_path",
+        frame_key: str = "frame",
+        label_key: str = "label",
+        mlflow_handler: MLFlowHandler | None = None,
+    ) -> None:
+        if (threshold is None) == (checkpoint is None):
+            raise ValueError(
+                f"GlimpsePredictionWriter: give exactly one of threshold and checkpoint, got threshold={threshold}, "
+                f"checkpoint={checkpoint}"
+            )
+        if threshold is not None and not math.isfinite(threshold):
+            raise ValueError(f"GlimpsePredictionWriter: threshold must be finite, got {threshold}")
+        self.output_dir = Path(output_dir)
+        self.output_path = self.output_dir / filename
+        self.threshold = None if threshold is None else float(threshold)
+        self.checkpoint = checkpoint
+        self.overlays = overlays
+        self.path_key = path_key
+        self.frame_key = frame_key
+        self.label_key = label_key
+        self.mlflow_handler = mlflow_handler
+        self.rows: list[tuple] = []
+
+    def attach(self, engine: Engine) -> None:
+        """Collect rows every iteration of ``engine`` and write the CSV when it completes."""
+        from ignite.engine import Events
+
+        attach_once(
+            engine,
+            [(Events.STARTED, self.start), (Events.ITERATION_COMPLETED, self), (Events.COMPLETED, self.write)],
+        )
+
+    def start(self, engine: Engine | None = None) -> None:
+        """Empty the rows and read the checkpoint's threshold (None when the model has no operating point)."""
+        self.rows = []
+        if self.checkpoint is None:
+            return
+        try:
+            self.threshold = decision_threshold(load_operating_point(self.checkpoint), self.checkpoint)
+        except ValueError as err:
+            self.threshold = None
+            logger.error("%s No decisions are written; the scores, probabilities and glimpses are.", err)
+
+    def __call__(self, engine: Engine) -> None:
+        """Buffer the rows of one batch and write its overlays."""
+        batch, output = engine.state.batch, engine.state.output
+        ids = sample_ids(batch, self.path_key, self.frame_key, "GlimpsePredictionWriter")
+        require_keys(output, ("pred", "image", "glimpse_centers", "glimpse_scales"), "GlimpsePredictionWriter")
+        logits, images, centers, scales = stack_output(output, ("pred", "image", "glimpse_centers", "glimpse_scales"))
+        scores = positive_score(logits).cpu().tolist()
+        if len(scores) != len(ids):
+            raise ValueError(f"GlimpsePredictionWriter: {len(scores)} predictions for {len(ids)} batch entries")
+        labels: list[int | None] = [None] * len(ids)
+        if batch_has(batch, self.label_key):
+            labels = class_indices(stack_output(batch, (self.label_key,))[0]).to(torch.int64).tolist()
+        height, width = images.shape[-2:]
+        for i, ((path, frame), score, label) in enumerate(zip(ids, scores, labels)):
+            decision = None if self.threshold is None else int(score >= self.threshold)
+            sx, sy = _source_scale(path, height, width)
+            boxes = [
+                ((x + 0.5) * sx - 0.5, (y + 0.5) * sy - 0.5, side * sx, side * sy)
+                for x, y, side in glimpse_boxes(centers[i], scales[i], height, width)
+            ]
+            self.rows.append((path, frame, score, decision, label, boxes))
+            if self.overlays:
+                folder = self.output_dir / "glimpses"
+                folder.mkdir(parents=True, exist_ok=True)
+                draw_glimpses(images[i], centers[i], scales[i]).save(folder / f"{Path(path).stem}_f{frame}.png")
+
+    def write(self, engine: Engine | None = None) -> Path:
+        """Write (and log) the CSV file; returns its path."""
+        with_labels = any(row[4] is not None for row in self.rows)
+        glimpses = max((len(row[5]) for row in self.rows), default=0)
+        self.output_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.output_path, "w", newline="") as f:
+            writer = csv.writer(f)
+            header = ["file", "frame", "score", "probability", "decision"] + (["label"] if with_labels else [])
+            header += [f"glimpse{t}_{k}" for t in range(glimpses) for k in ("x", "y", "width", "height")]
+            writer.writerow(header)
+            for path, frame, score, decision, label, boxes in self.rows:
+                row = [path, frame, repr(score), f"{float(score_to_probability(score)):.6g}"]
+                row.append("" if decision is None else decision)
+                row += ["" if label is None else label] if with_labels else []
+                row += [f"{v:.2f}" for box in boxes for v in box]
+                writer.writerow(row)
+        log_artifact(self.mlflow_handler, self.output_path, None)
+        return self.output_path

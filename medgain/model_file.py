@@ -1,0 +1,279 @@
+"""The model file: a checkpoint that carries everything needed to run the model it holds.
+
+A medgain checkpoint (written by :class:`medgain.handlers.BestModelSaver`) is a dict readable with
+``torch.load(weights_only=True)``::
+
+    {"model": state dict,
+     "model_spec": {"network", "num_classes", "in_channels", "image_size", "target_layer", "normalization",
+                    "class_names"},
+     "operating_point": {"threshold", "probability", "max_fpr", "metric", "value"} (or "reason" instead of a
+                         threshold),
+     "epoch": int, "metrics": {name: float}, "provenance": {"run_id", "model_name", "model_version"}}
+
+The threshold is on the log-odds of being ill (:func:`medgain.metrics.positive_score`); it is ``None`` when
+validation gave no finite operating point (then no decision may be taken with the model).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from torch import nn
+
+from medgain.networks import TARGET_LAYERS, build_classifier
+
+__all__ = [
+    "ModelSpec",
+    "atomic_write",
+    "build_network",
+    "decision_threshold",
+    "load_checkpoint",
+    "load_model",
+    "load_model_spec",
+    "load_model_weights",
+    "load_operating_point",
+    "spec_from_config",
+    "unwrap",
+]
+
+_DDP_PREFIX = "module."
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a checkpoint's network is and how its input must look.
+
+    Args:
+        network: registry name (see :data:`medgain.networks.TARGET_LAYERS`).
+        num_classes: output logits.
+        image_size: (height, width) of the network input.
+        in_channels: input channels.
+        target_layer: Grad-CAM layer; default: the registry's layer of ``network``.
+        normalization: ``{"mean": [...], "std": [...]}`` applied inside the network, or None (inputs in [0, 1]).
+        class_names: one name per class index (class 0 = healthy).
+    """
+
+    network: str
+    num_classes: int
+    image_size: tuple[int, int]
+    in_channels: int = 3
+    target_layer: str = ""
+    normalization: dict[str, list[float]] | None = None
+    class_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.network not in TARGET_LAYERS:
+            raise ValueError(f"unknown network {self.network!r}; registered: {sorted(TARGET_LAYERS)}")
+        size = (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
+        if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+            raise ValueError(f"image_size must be one or two positive integers, got {self.image_size!r}")
+        object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
+        object.__setattr__(self, "target_layer", self.target_layer or TARGET_LAYERS[self.network])
+        names = list(self.class_names) or [f"class_{i}" for i in range(max(self.num_classes, 2))]
+        object.__setattr__(self, "class_names", names)
+        if self.normalization is not None:
+            norm = {k: [float(v) for v in self.normalization[k]] for k in ("mean", "std")}
+            object.__setattr__(self, "normalization", norm)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain types only (stored in checkpoints, logged as MLflow params)."""
+        out = asdict(self)
+        out["image_size"] = list(self.image_size)
+        return out
+
+
+def build_network(spec: ModelSpec | Mapping[str, Any], pretrained_path: str | os.PathLike | None = None) -> nn.Module:
+    """The network a spec (or its dict) describes, with its input normalisation, freshly initialised (or from
+    ``pretrained_path``)."""
+    spec = spec if isinstance(spec, ModelSpec) else ModelSpec(**spec)
+    return build_classifier(
+        spec.network,
+        spec.num_classes,
+        in_channels=spec.in_channels,
+        pretrained_path=pretrained_path,
+        normalization=spec.normalization,
+    )
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through a temporary file in the same folder and ``os.replace``: readers never see a half
+    file, and a failed write leaves the previous file intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU with errors naming the file.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        ValueError: when it is not a PyTorch file readable with ``weights_only=True``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises KeyError, RuntimeError, UnpicklingError... for foreign files
+        raise ValueError(f"{path}: not a PyTorch checkpoint readable with weights_only=True ({err!r})") from err
+
+
+def load_model_spec(path: str | os.PathLike, **expected: Any) -> ModelSpec:
+    """The :class:`ModelSpec` stored in a checkpoint, checked against values a config or command line gives.
+
+    Args:
+        path: checkpoint written by :class:`medgain.handlers.BestModelSaver`.
+        expected: spec fields given by the user (e.g. ``image_size=64``, ``network="resnet18"``); None means "not
+            given". A given value that differs from the checkpoint's is refused: the model must run as trained.
+
+    Raises:
+        ValueError: when the checkpoint holds no spec, or an expected value disagrees with it.
+    """
+    checkpoint = load_checkpoint(path)
+    raw = checkpoint.get("model_spec") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(raw, Mapping):
+        raise ValueError(
+            f"{path}: holds no model_spec (network, input size, normalisation, classes); it was not written by "
+            "medgain's BestModelSaver"
+        )
+    spec = ModelSpec(**raw)
+    stored = spec.as_dict()
+    for name, value in expected.items():
+        if value is None:
+            continue
+        if name not in stored:
+            raise ValueError(f"load_model_spec: unknown field {name!r}; fields: {sorted(stored)}")
+        given = ModelSpec(**{**raw, name: value}).as_dict()[name]
+        if given != stored[name]:
+            raise ValueError(
+                f"{path}: the model was trained with {name}={stored[name]!r} but {value!r} was given; remove the "
+                f"override (the checkpoint's value is used) or use a model trained with {name}={value!r}"
+            )
+    return spec
+
+
+def load_operating_point(path: str | os.PathLike) -> dict[str, Any]:
+    """The operating point stored by :class:`medgain.handlers.BestModelSaver`.
+
+    Returns:
+        ``{"threshold": float | None, "max_fpr", "metric", "value", ...}``; the threshold is on the log-odds of
+        being ill and None when the model has no operating point.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        ValueError: when it is not a checkpoint or holds no operating point (e.g. a plain state dict).
+    """
+    checkpoint = load_checkpoint(path)
+    point = checkpoint.get("operating_point") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(point, Mapping) or "threshold" not in point:
+        raise ValueError(f"{path}: holds no operating point (not written by BestModelSaver, e.g. a plain state dict)")
+    return dict(point)
+
+
+def decision_threshold(point: Mapping[str, Any], source: str | os.PathLike) -> float:
+    """The finite decision threshold of an operating point.
+
+    Raises:
+        ValueError: naming ``source`` when the model has no operating point (threshold None or not finite).
+    """
+    threshold = point.get("threshold")
+    if threshold is None or not torch.isfinite(torch.tensor(float(threshold))):
+        reason = point.get("reason") or "validation gave no finite threshold"
+        raise ValueError(
+            f"{source}: this model has no operating point ({reason}); it cannot take ill / healthy decisions. "
+            "Retrain with a validation split holding both classes, or give an explicit threshold."
+        )
+    return float(threshold)
+
+
+def _is_state_dict(obj: Mapping[Any, Any]) -> bool:
+    return bool(obj) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def load_model_weights(network: nn.Module, path: str | os.PathLike) -> dict[str, Any]:
+    """Load the weights of a medgain checkpoint or of a plain state dict into ``network``.
+
+    A state dict saved from a ``DistributedDataParallel`` model (every key prefixed ``module.``) is accepted;
+    a wrapped ``network`` is loaded through its ``.module``.
+
+    Args:
+        network: the model to fill; its keys and shapes must match the stored ones exactly.
+        path: checkpoint file.
+
+    Returns:
+        The checkpoint dict (``model``, and for a BestModelSaver file ``operating_point``, ``model_spec``, …).
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        ValueError: when it is not a checkpoint, or its weights do not match ``network``.
+    """
+    checkpoint = load_checkpoint(path)
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model"), Mapping):
+        checkpoint = dict(checkpoint)
+    elif isinstance(checkpoint, Mapping) and _is_state_dict(checkpoint):
+        checkpoint = {"model": checkpoint}
+    else:
+        raise ValueError(f"{path}: neither a BestModelSaver checkpoint (a dict with 'model') nor a state dict")
+    state = OrderedDict(checkpoint["model"])
+    if all(key.startswith(_DDP_PREFIX) for key in state):
+        state = OrderedDict((key[len(_DDP_PREFIX) :], value) for key, value in state.items())
+    target = unwrap(network)
+    try:
+        target.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not match {type(target).__name__}: {err}") from err
+    return checkpoint
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", **expected: Any) -> nn.Module:
+    """The network of a checkpoint, built from its spec and loaded with its weights, in eval mode on ``device``.
+
+    Args:
+        path: checkpoint written by :class:`medgain.handlers.BestModelSaver`.
+        device: where to put the model.
+        expected: spec values the caller was given (see :func:`load_model_spec`).
+    """
+    network = build_network(load_model_spec(path, **expected))
+    load_model_weights(network, path)
+    return network.to(device).eval()
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The model inside ``DistributedDataParallel`` / ``DataParallel``, or ``network`` itself."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    return network.module if isinstance(network, wrappers) else network
+
+
+def spec_from_config(
+    network: str,
+    num_classes: int,
+    image_size: int | Sequence[int],
+    normalization: Mapping[str, Sequence[float]] | None = None,
+    class_names: Sequence[str] = (),
+    target_layer: str | None = None,
+    in_channels: int = 3,
+) -> dict[str, Any]:
+    """A validated model spec as a plain dict, for a bundle config (``BestModelSaver(model_spec=...)``)."""
+    return ModelSpec(
+        network=network,
+        num_classes=int(num_classes),
+        image_size=image_size,  # type: ignore[arg-type]
+        in_channels=int(in_channels),
+        target_layer=target_layer or "",
+        normalization=None if normalization is None else dict(normalization),  # type: ignore[arg-type]
+        class_names=list(class_names),
+    ).as_dict()

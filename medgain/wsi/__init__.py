@@ -1,0 +1,63 @@
+"""medgain.wsi: whole-slide images on MONAI's WSI stack — reading, annotations, tissue, patch tables, stain
+augmentation and slide inference."""
+
+from medgain.wsi.annotations import EXCLUSION_GROUPS, Annotation, AnnotationError, read_annotations, tumour_mask
+from medgain.wsi.evaluate import evaluate_inference, read_slide_labels
+from medgain.wsi.inference import (
+    LESION_COLUMNS,
+    SlideInferer,
+    SlideMaps,
+    collect_slide_scores,
+    run_inference,
+    write_slide_outputs,
+)
+from medgain.wsi.patch_mask import LesionPatchMaskd
+from medgain.wsi.patches import (
+    PATCH_COLUMNS,
+    balance_patches,
+    grid_locations,
+    patch_items,
+    patch_table,
+    read_patch_table,
+    slides_patch_table,
+    write_patch_table,
+)
+from medgain.wsi.slide import WSI_BACKENDS, Slide, SlideError, TiledTiffFileWSIReader, wsi_reader
+from medgain.wsi.stain import RandHEDJitterd, hed_jitter
+from medgain.wsi.tissue import TISSUE_DOWNSAMPLE, area_fraction, slide_tissue_mask, tissue_mask
+
+__all__ = [
+    "EXCLUSION_GROUPS",
+    "LESION_COLUMNS",
+    "PATCH_COLUMNS",
+    "TISSUE_DOWNSAMPLE",
+    "WSI_BACKENDS",
+    "Annotation",
+    "AnnotationError",
+    "LesionPatchMaskd",
+    "RandHEDJitterd",
+    "Slide",
+    "SlideError",
+    "SlideInferer",
+    "SlideMaps",
+    "TiledTiffFileWSIReader",
+    "area_fraction",
+    "balance_patches",
+    "collect_slide_scores",
+    "evaluate_inference",
+    "grid_locations",
+    "patch_items",
+    "hed_jitter",
+    "patch_table",
+    "read_annotations",
+    "read_patch_table",
+    "read_slide_labels",
+    "run_inference",
+    "slide_tissue_mask",
+    "slides_patch_table",
+    "tissue_mask",
+    "tumour_mask",
+    "wsi_reader",
+    "write_patch_table",
+    "write_slide_outputs",
+]

@@ -1,0 +1,526 @@
+"""Whole-slide inference: probability and attention maps, a slide score and detected lesions per slide.
+
+:class:`SlideInferer` runs a patch classifier over every tissue patch of a slide. Patches are cut from larger
+regions (one read per block of ``region_patches`` x ``region_patches`` grid cells instead of one per patch), read
+on a background thread while the network runs, batched, and background cells are never read. Each batch gives
+logits and the Grad-CAM of the tumour class from one forward (:func:`medgain.attention.grad_cam`).
+
+:func:`run_inference` does this for a list of slides: outputs of each slide are written to a temporary folder
+renamed into place, so an interrupted run resumes at the first unfinished slide; a slide that fails is a row
+of ``errors.csv`` and the others go on. Slides can be sharded over ranks (``torchrun``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy.special import expit
+from skimage.feature import peak_local_max
+from skimage.measure import label as label_components
+from torch import nn
+
+from medgain.attention import grad_cam, normalize_cam
+from medgain.metrics import positive_score
+from medgain.wsi.slide import Slide, SlideError
+from medgain.wsi.tissue import area_fraction, slide_tissue_mask
+
+__all__ = [
+    "LESION_COLUMNS",
+    "SlideInferer",
+    "SlideMaps",
+    "collect_slide_scores",
+    "run_inference",
+    "write_slide_outputs",
+]
+
+logger = logging.getLogger(__name__)
+
+LESION_COLUMNS = ("x", "y", "probability", "log_odds", "n_patches")
+
+
+@dataclass
+class SlideMaps:
+    """Inference outputs of one slide.
+
+    Attributes:
+        slide: slide id (file name without suffix).
+        path: the slide file.
+        probability: (gh, gw) float32 tumour probability per grid cell, 0 where no patch was run.
+        log_odds: (gh, gw) float64 tumour log-odds per grid cell, NaN where no patch was run.
+        attention: stitched attention (normalised Grad-CAM of the tumour class times the patch probability,
+            averaged where patches overlap), float32; one pixel covers ``attention_downsample`` level-0 px.
+        score: slide score: max or top-k mean of the patch log-odds (float64).
+        lesions: detected lesions, rows of :data:`LESION_COLUMNS` (x, y: level-0 pixels of the peak patch centre).
+        meta: geometry and settings: level, patch_size, stride, map_downsample (level-0 px per grid step),
+            map_offset (level-0 px from the slide origin to the centre of cell (0, 0)), attention_downsample,
+            mpp (level 0, None without resolution tags), slide_shape (level-0 height, width), n_patches,
+            seconds, score_kind.
+    """
+
+    slide: str
+    path: str
+    probability: np.ndarray
+    log_odds: np.ndarray
+    attention: np.ndarray
+    score: float
+    lesions: list[dict[str, Any]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def slide_probability(self) -> float:
+        """Sigmoid of :attr:`score`."""
+        return float(expit(self.score))
+
+
+class SlideInferer:
+    """Patch classifier + Grad-CAM over the tissue of a whole slide.
+
+    Args:
+        network: a torch classifier returning logits (B, 1) or (B, C) with class 0 = normal.
+        target_layer: ``named_modules()`` name of its Grad-CAM layer.
+        patch_size: patch side in pixels of ``level`` (the network's input size).
+        level: pyramid level the patches are read at.
+        stride: grid step in pixels of ``level`` (default ``patch_size``; smaller values overlap patches).
+        batch_size: patches per forward.
+        min_tissue: least tissue fraction of a patch for it to be run.
+        tissue_level: level of the tissue mask (None: downsample about 32).
+        region_patches: grid cells per side of the block read at once.
+        score: slide score from the patch log-odds, "max" or "topk" (mean of the ``top_k`` highest).
+        top_k: patches averaged by the "topk" score.
+        lesion_threshold: probability at which map cells belong to a detected lesion.
+        lesion_method: "components" (one detection per connected region above the threshold, at its peak) or
+            "maxima" (one per local maximum above the threshold).
+        attention_cells: attention-map pixels per grid step.
+        mean: per-channel mean subtracted after scaling to [0, 1] (None: none).
+        std: per-channel standard deviation divided by (None: none).
+        class_index: class whose Grad-CAM is taken (1, tumour).
+        device: torch device of the network.
+        amp: autocast the forward (CUDA).
+        channels_last: run the network in channels-last memory format (its parameters are converted in place
+            on the first slide; outputs are unchanged, convolutions run faster on CPU and on tensor cores).
+        backend: WSI backend.
+        default_mpp: microns per pixel assumed for slides without resolution tags.
+        prefetch: batches read ahead by the reading thread.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        target_layer: str,
+        patch_size: int = 224,
+        level: int = 0,
+        stride: int | None = None,
+        batch_size: int = 64,
+        min_tissue: float = 0.1,
+        tissue_level: int | None = None,
+        region_patches: int = 8,
+        score: str = "max",
+        top_k: int = 10,
+        lesion_threshold: float = 0.5,
+        lesion_method: str = "components",
+        attention_cells: int = 4,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        class_index: int = 1,
+        device: str | torch.device = "cpu",
+        amp: bool = False,
+        channels_last: bool = True,
+        backend: str = "tifffile",
+        default_mpp: float | None = None,
+        prefetch: int = 2,
+    ) -> None:
+        if score not in ("max", "topk"):
+            raise ValueError(f"score must be 'max' or 'topk', got {score!r}")
+        if lesion_method not in ("components", "maxima"):
+            raise ValueError(f"lesion_method must be 'components' or 'maxima', got {lesion_method!r}")
+        if patch_size < 1 or batch_size < 1 or region_patches < 1 or attention_cells < 1 or top_k < 1:
+            raise ValueError("patch_size, batch_size, region_patches, attention_cells and top_k must be positive")
+        self.network = network
+        self.target_layer = target_layer
+        self.patch_size = int(patch_size)
+        self.level = int(level)
+        self.stride = int(stride or patch_size)
+        self.batch_size = int(batch_size)
+        self.min_tissue = float(min_tissue)
+        self.tissue_level = tissue_level
+        self.region_patches = int(region_patches)
+        self.score = score
+        self.top_k = int(top_k)
+        self.lesion_threshold = float(lesion_threshold)
+        self.lesion_method = lesion_method
+        self.attention_cells = int(attention_cells)
+        self.device = torch.device(device)
+        self.mean = (
+            None if mean is None else torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        )
+        self.std = None if std is None else torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.class_index = class_index
+        self.amp = bool(amp)
+        self.channels_last = bool(channels_last)
+        self.backend = backend
+        self.default_mpp = default_mpp
+        self.prefetch = max(int(prefetch), 1)
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def tissue_grid(self, slide: Slide) -> np.ndarray:
+        """(gh, gw) boolean grid of the cells whose patch holds at least ``min_tissue`` tissue.
+
+        Raises:
+            SlideError: when the level is out of range, smaller than a patch, or has no tissue patch.
+        """
+        if not 0 <= self.level < slide.level_count:
+            raise SlideError(f"{slide.path}: level {self.level} requested, the slide has {slide.level_count}")
+        h, w = slide.level_shapes[self.level]
+        p, s = self.patch_size, self.stride
+        if h < p or w < p:
+            raise SlideError(f"{slide.path}: level {self.level} ({w}x{h}) is smaller than one {p}-px patch")
+        gh, gw = (h - p) // s + 1, (w - p) // s + 1
+        mask, mask_level = slide_tissue_mask(slide, self.tissue_level)
+        d = slide.downsamples[self.level]
+        gy, gx = np.meshgrid(np.arange(gh) * s * d, np.arange(gw) * s * d, indexing="ij")
+        frac = area_fraction(mask, slide.downsamples[mask_level], gx.ravel(), gy.ravel(), p * d).reshape(gh, gw)
+        grid = frac >= self.min_tissue
+        if not grid.any():
+            raise SlideError(f"{slide.path}: no patch holds {self.min_tissue:.0%} tissue at level {self.level}")
+        return grid
+
+    def _blocks(self, slide: Slide, grid: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(cells (n, 2), patches (n, 3, P, P) uint8)`` per block of grid cells, one region read each."""
+        p, s, r = self.patch_size, self.stride, self.region_patches
+        d = slide.downsamples[self.level]
+        for bi in range(0, grid.shape[0], r):
+            for bj in range(0, grid.shape[1], r):
+                cells = np.argwhere(grid[bi : bi + r, bj : bj + r]) + (bi, bj)
+                if not cells.size:
+                    continue
+                r0, c0 = cells.min(0)
+                r1, c1 = cells.max(0)
+                size = ((r1 - r0) * s + p, (c1 - c0) * s + p)
+                region = slide.read_region((round(r0 * s * d), round(c0 * s * d)), size, self.level)
+                ys = (cells[:, 0] - r0) * s
+                xs = (cells[:, 1] - c0) * s
+                yield cells, np.stack([region[:, y : y + p, x : x + p] for y, x in zip(ys, xs)])
+
+    def _batches(self, slide: Slide, grid: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Blocks regrouped into batches of ``batch_size`` patches."""
+        cells_buf: list[np.ndarray] = []
+        patch_buf: list[np.ndarray] = []
+        count = 0
+        for cells, patches in self._blocks(slide, grid):
+            cells_buf.append(cells)
+            patch_buf.append(patches)
+            count += len(cells)
+            while count >= self.batch_size:
+                all_cells, all_patches = np.concatenate(cells_buf), np.concatenate(patch_buf)
+                yield all_cells[: self.batch_size], all_patches[: self.batch_size]
+                cells_buf, patch_buf = [all_cells[self.batch_size :]], [all_patches[self.batch_size :]]
+                count -= self.batch_size
+        if count:
+            yield np.concatenate(cells_buf), np.concatenate(patch_buf)
+
+    def iter_batches(self, slide: Slide, grid: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The patches of the ``grid`` cells (see :meth:`tissue_grid`) as ``(cells (B, 2), patches (B, 3, P, P)
+        uint8)`` batches, read on a background thread so that decoding overlaps the network."""
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        done = object()
+
+        def produce() -> None:
+            try:
+                for item in self._batches(slide, grid):
+                    if stop.is_set():
+                        return
+                    q.put(item)
+                q.put(done)
+            except BaseException as err:  # handed to the consumer, which re-raises it
+                q.put(err)
+
+        thread = threading.Thread(target=produce, name=f"read-{slide.name}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    thread.join(timeout=0.05)
+
+    # -- network ---------------------------------------------------------------------------------------------
+    def _forward(self, patches: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """float64 log-odds (B,) (:func:`medgain.metrics.positive_score`) and raw Grad-CAM (B, 1, P, P) of uint8
+        patches."""
+        x = torch.from_numpy(patches).to(self.device, non_blocking=True).float().div_(255.0)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.mean is not None:
+            x = x - self.mean
+        if self.std is not None:
+            x = x / self.std
+        autocast = torch.autocast(self.device.type) if self.amp and self.device.type == "cuda" else nullcontext()
+        with torch.no_grad(), autocast:
+            logits, cam = grad_cam(self.network, x, self.target_layer, self.class_index)
+        return positive_score(logits), cam.detach().float()
+
+    def __call__(self, path: str | os.PathLike) -> SlideMaps:
+        """Run the network over the tissue of the slide at ``path``.
+
+        Raises:
+            FileNotFoundError / SlideError: for a missing or unusable slide (the message names it).
+        """
+        start = time.perf_counter()
+        self.network.eval()
+        if self.channels_last:
+            self.network.to(memory_format=torch.channels_last)
+        with Slide(path, backend=self.backend, default_mpp=self.default_mpp) as slide:
+            grid = self.tissue_grid(slide)
+            gh, gw = grid.shape
+            p, s, k = self.patch_size, self.stride, self.attention_cells
+            cells_per_patch = max(int(round(p * k / s)), 1)
+            att_sum = np.zeros(((gh - 1) * k + cells_per_patch, (gw - 1) * k + cells_per_patch), dtype=np.float64)
+            att_count = np.zeros_like(att_sum)
+            scores = np.full(grid.shape, np.nan, dtype=np.float64)
+            for cells, patches in self.iter_batches(slide, grid):
+                z, cam = self._forward(patches)
+                prob = torch.sigmoid(z).float().to(cam.device)
+                att = F.adaptive_avg_pool2d(normalize_cam(cam) * prob.view(-1, 1, 1, 1), cells_per_patch)
+                att_np = att[:, 0].cpu().numpy()
+                scores[cells[:, 0], cells[:, 1]] = z.cpu().numpy()
+                for (i, j), a in zip(cells, att_np):
+                    att_sum[i * k : i * k + cells_per_patch, j * k : j * k + cells_per_patch] += a
+                    att_count[i * k : i * k + cells_per_patch, j * k : j * k + cells_per_patch] += 1.0
+            d = slide.downsamples[self.level]
+            meta = {
+                "level": self.level,
+                "patch_size": p,
+                "stride": s,
+                "map_downsample": s * d,
+                "map_offset": p * d / 2.0,
+                "attention_downsample": s * d / k,
+                "mpp": slide.mpp,
+                "slide_shape": list(slide.shape),
+                "n_patches": int(grid.sum()),
+                "score_kind": self.score if self.score == "max" else f"top{self.top_k}",
+            }
+            name, slide_path = slide.name, str(slide.path)
+        valid = scores[grid]
+        if self.score == "max":
+            slide_score = float(valid.max())
+        else:
+            slide_score = float(np.sort(valid)[::-1][: self.top_k].mean())
+        probability = np.where(grid, expit(np.where(grid, scores, 0.0)), 0.0).astype(np.float32)
+        attention = (att_sum / np.maximum(att_count, 1.0)).astype(np.float32)
+        meta["seconds"] = round(time.perf_counter() - start, 3)
+        lesions = self.detect_lesions(probability, scores, meta)
+        return SlideMaps(name, slide_path, probability, scores, attention, slide_score, lesions, meta)
+
+    def detect_lesions(self, probability: np.ndarray, scores: np.ndarray, meta: dict[str, Any]) -> list[dict[str, Any]]:
+        """Lesions of a probability map (see ``lesion_method``), sorted by decreasing log-odds."""
+        above = probability >= self.lesion_threshold
+        if self.lesion_method == "components":
+            regions = label_components(above, connectivity=2)
+            peaks = []
+            for r in range(1, int(regions.max()) + 1):
+                members = np.argwhere(regions == r)
+                best = members[np.argmax(scores[members[:, 0], members[:, 1]])]
+                peaks.append((int(best[0]), int(best[1]), len(members)))
+        else:
+            # on the log-odds, which do not saturate where the probability rounds to 1
+            floor = float(np.nanmin(scores)) - 1.0
+            coords = peak_local_max(
+                np.where(above, np.nan_to_num(scores, nan=floor), floor),
+                min_distance=1,
+                threshold_abs=floor + 0.5,
+                exclude_border=False,
+            )
+            peaks = [(int(i), int(j), 1) for i, j in coords]
+        rows = [
+            {
+                "x": round(j * meta["map_downsample"] + meta["map_offset"], 1),
+                "y": round(i * meta["map_downsample"] + meta["map_offset"], 1),
+                "probability": float(probability[i, j]),
+                "log_odds": float(scores[i, j]),
+                "n_patches": n,
+            }
+            for i, j, n in peaks
+        ]
+        return sorted(rows, key=lambda r: -r["log_odds"])
+
+
+def _overlay(thumbnail: np.ndarray, heat: np.ndarray, scale: float, offset: float, alpha: float = 0.45) -> Image.Image:
+    """Blend a heat map in [0, 1] (resized by ``scale``, shifted by ``offset`` thumbnail px) over a thumbnail."""
+    from matplotlib import colormaps
+
+    base = np.moveaxis(thumbnail, 0, -1).astype(np.float32)
+    h, w = base.shape[:2]
+    size = (max(int(round(heat.shape[1] * scale)), 1), max(int(round(heat.shape[0] * scale)), 1))
+    resized = np.asarray(Image.fromarray(np.clip(heat, 0.0, 1.0).astype(np.float32)).resize(size, Image.BILINEAR))
+    canvas = np.zeros((h, w), dtype=np.float32)
+    o = int(round(offset))
+    ch, cw = min(resized.shape[0], max(h - o, 0)), min(resized.shape[1], max(w - o, 0))
+    canvas[o : o + ch, o : o + cw] = resized[:ch, :cw]
+    colour = colormaps["jet"](canvas)[..., :3] * 255.0
+    weight = alpha * (canvas > 0.02)[..., None]
+    return Image.fromarray(np.clip(base * (1 - weight) + colour * weight, 0, 255).astype(np.uint8))
+
+
+def write_slide_outputs(
+    maps: SlideMaps, folder: str | os.PathLike, thumbnail: tuple[np.ndarray, float] | None = None
+) -> Path:
+    """Write a slide's outputs into ``folder``: ``probability.npy``, ``log_odds.npy``, ``attention.npy``,
+    ``lesions.csv``, ``slide.json`` (score, geometry) and, given ``(thumbnail (3, h, w), downsample)``,
+    ``probability_overlay.png`` and ``attention_overlay.png``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "probability.npy", maps.probability)
+    np.save(folder / "log_odds.npy", maps.log_odds)
+    np.save(folder / "attention.npy", maps.attention)
+    with (folder / "lesions.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=LESION_COLUMNS)
+        writer.writeheader()
+        writer.writerows(maps.lesions)
+    if thumbnail is not None:
+        image, thumb_d = thumbnail
+        m = maps.meta
+        _overlay(
+            image,
+            maps.probability,
+            m["map_downsample"] / thumb_d,
+            (m["map_offset"] - m["map_downsample"] / 2) / thumb_d,
+        ).save(folder / "probability_overlay.png")
+        peak = float(maps.attention.max()) or 1.0
+        _overlay(image, maps.attention / peak, m["attention_downsample"] / thumb_d, 0.0).save(
+            folder / "attention_overlay.png"
+        )
+    record = {
+        "slide": maps.slide,
+        "path": maps.path,
+        "score": maps.score,
+        "probability": maps.slide_probability,
+        "n_lesions": len(maps.lesions),
+        **maps.meta,
+    }
+    (folder / "slide.json").write_text(json.dumps(record, indent=1))
+    return folder
+
+
+def _write_errors(path: Path, rows: list[dict[str, str]]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=("slide", "path", "error"))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def run_inference(
+    slides: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    inferer: SlideInferer,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    thumbnail_downsample: float = 32.0,
+) -> dict[str, Any]:
+    """Infer every slide of this rank's shard (``slides[rank::world_size]``) into ``out_dir/<slide id>/``.
+
+    A slide whose folder holds ``slide.json`` is done and skipped (resume). Outputs are written to a
+    temporary folder that is renamed into place when complete. A slide that fails (missing, truncated, not
+    pyramidal, no tissue ...) becomes a row of ``errors.csv`` (``errors.rank<r>.csv`` with several ranks) and the
+    others go on.
+
+    Args:
+        slides: slide files; their ids (file names without suffix) must be unique.
+        out_dir: output folder.
+        inferer: the configured :class:`SlideInferer`.
+        rank: this process's rank.
+        world_size: number of ranks.
+        thumbnail_downsample: downsample of the level the overlays are drawn on.
+
+    Returns:
+        ``{"done": [...], "skipped": [...], "failed": [...]}`` slide ids of this shard.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    paths = [Path(p) for p in slides]
+    ids = [p.name.split(".")[0] for p in paths]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ValueError(f"slide ids must be unique, these repeat: {dupes}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    errors_path = out / ("errors.csv" if world_size == 1 else f"errors.rank{rank}.csv")
+    errors: list[dict[str, str]] = []
+    summary: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
+    for slide_id, path in list(zip(ids, paths))[rank::world_size]:
+        final = out / slide_id
+        if (final / "slide.json").is_file():
+            summary["skipped"].append(slide_id)
+            continue
+        for stale in out.glob(f".{slide_id}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = out / f".{slide_id}.partial-{os.getpid()}"
+        try:
+            maps = inferer(path)
+            with Slide(path, backend=inferer.backend, default_mpp=inferer.default_mpp) as slide:
+                level = slide.level_for_downsample(thumbnail_downsample)
+                thumb = (slide.read_level(level), slide.downsamples[level])
+            write_slide_outputs(maps, tmp, thumb)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            summary["done"].append(slide_id)
+            logger.info(
+                "%s: score %.3f, %d patches, %d lesions",
+                slide_id,
+                maps.score,
+                maps.meta["n_patches"],
+                len(maps.lesions),
+            )
+        except Exception as err:  # one bad slide must not stop the others; the row says what went wrong
+            shutil.rmtree(tmp, ignore_errors=True)
+            message = f"{type(err).__name__}: {err}"
+            logger.error("%s: %s", path, message)
+            errors.append({"slide": slide_id, "path": str(path), "error": message})
+            summary["failed"].append(slide_id)
+            _write_errors(errors_path, errors)
+    if not errors:
+        _write_errors(errors_path, errors)
+    return summary
+
+
+def collect_slide_scores(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The ``slide.json`` records of all finished slides in ``out_dir``, also written to ``slides.csv``."""
+    out = Path(out_dir)
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*/slide.json"))]
+    columns = ("slide", "path", "score", "probability", "n_patches", "n_lesions", "mpp")
+    tmp = out / ".slides.csv.tmp"
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+    os.replace(tmp, out / "slides.csv")
+    return records

@@ -1,0 +1,92 @@
+"""The glimpse-attention bundle end to end through ``python -m monai.bundle`` (tiny pattern2 images, 2 epochs)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+from PIL import Image
+
+from medgain.demo import bundle_run
+from medgain.model_file import load_operating_point
+from medgain.synth import make_pattern_dataset
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "glimpse_attention"
+TINY = {
+    "image_size": 48,
+    "batch_size": 4,
+    "num_workers": 0,
+    "glimpse_size": 8,
+    "hidden_size": 16,
+    "context_size": 16,
+    "num_glimpses": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("glimpse")
+    data = make_pattern_dataset(base / "data", "pattern2", 16, seed=0, size=48, rgb=True,
+                                split_fractions=(0.5, 0.25, 0.25)).parent
+    root = base / "root"
+    bundle_run("training", ["train.yaml"], bundle=BUNDLE, bundle_root=root, dataset_dir=data, max_epochs=2, **TINY)
+    return data, root
+
+
+def test_training_logs_glimpses_statistics_and_best_model(trained: tuple[Path, Path]) -> None:
+    _, root = trained
+    assert (root / "models" / "model.pt").is_file() and (root / "models" / "checkpoint_last.pt").is_file()
+    panels = sorted((root / "outputs" / "glimpses").glob("epoch_*.png"))
+    assert [p.name for p in panels] == ["epoch_001.png", "epoch_002.png"]
+    assert Image.open(panels[0]).size == (2 * 48, 2 * 48)  # 2 tumour + 2 normal validation images
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'outputs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("glimpse_attention")
+    (run,) = client.search_runs([experiment.experiment_id])
+    metrics = run.data.metrics
+    for name in ("val_f1", "val_auc", "val_glimpse_step_distance", "val_glimpse_center_spread",
+                 "val_glimpse_on_tumour", "val_glimpse_2_accuracy", "loss_location", "loss_per_glimpse"):
+        assert name in metrics, name
+    assert metrics["val_glimpse_step_distance"] > 0.1  # the initial glimpses are spread
+    assert run.data.params["num_glimpses"] == "3"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "glimpses")}
+    assert artifacts == {"glimpses/epoch_001.png", "glimpses/epoch_002.png"}
+
+
+def test_evaluate_and_inference_write_glimpse_tables(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    data, root = trained
+    bundle_run("evaluate", ["train.yaml", "evaluate.yaml"], bundle=BUNDLE, bundle_root=root, dataset_dir=data, **TINY)
+    evaluation = root / "outputs" / "evaluation"
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    assert {"test_f1", "test_auc", "test_glimpse_on_tumour", "test_glimpse_0_accuracy"} <= set(metrics)
+    with open(evaluation / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["label"] for r in rows} == {"0", "1"}
+
+    images = tmp_path / "input"
+    images.mkdir()
+    source = data / "images" / "000000.png"
+    Image.open(source).resize((96, 72)).save(images / "wide.png")  # another size: coordinates in source pixels
+    shutil.copy(source, images / "same.png")
+    (images / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "inference"
+    bundle_run("inference", ["train.yaml", "inference.yaml"], bundle=BUNDLE, bundle_root=root, input_dir=images,
+               output_dir=out, **TINY)
+    with open(out / "predictions.csv") as f:
+        rows = {Path(r["file"]).name: r for r in csv.DictReader(f)}
+    assert set(rows) == {"same.png", "wide.png"}
+    same, wide = rows["same.png"], rows["wide.png"]
+    threshold = load_operating_point(root / "models" / "model.pt")["threshold"]
+    expected = "" if threshold is None else str(int(float(same["score"]) >= threshold))
+    assert same["decision"] == expected and 0.0 <= float(same["probability"]) <= 1.0
+    for t in range(3):
+        x, y = float(same[f"glimpse{t}_x"]), float(same[f"glimpse{t}_y"])
+        assert -0.5 <= x <= 47.5 and -0.5 <= y <= 47.5
+        # the same image content scaled by 2 (x) and 1.5 (y): the glimpses scale with it
+        assert float(wide[f"glimpse{t}_x"]) == pytest.approx((x + 0.5) * 2 - 0.5, abs=1.0)
+        assert float(wide[f"glimpse{t}_height"]) == pytest.approx(float(same[f"glimpse{t}_height"]) * 1.5, rel=0.05)
+    assert sorted(p.name for p in (out / "glimpses").glob("*.png")) == ["same_f0.png", "wide_f0.png"]
+    assert "broken.png" in (out / "errors.csv").read_text()
