@@ -30,10 +30,10 @@ GLIMPSE_RUN := $(BIN)/python -m monai.bundle run --bundle_root $(GLIMPSE_DIR) \
 	--meta_file $(GLIMPSE_BUNDLE)/configs/metadata.json --logging_file $(GLIMPSE_BUNDLE)/configs/logging.conf \
 	--dataset_dir $(GLIMPSE_DIR)/data --num_workers 0
 demo-glimpse: $(STAMP)
-	OMP_NUM_THREADS=2 $(BIN)/medgain synth patterns --kind pattern2 --rgb --size 128 --n-images 2400 --seed 0 \
+	OMP_NUM_THREADS=1 $(BIN)/medgain synth patterns --kind pattern2 --rgb --size 128 --n-images 2400 --seed 0 \
 		--split-fractions 0.8 0.1 0.1 --out $(GLIMPSE_DIR)/data
-	OMP_NUM_THREADS=2 $(GLIMPSE_RUN) --run_id training --config_file $(GLIMPSE_BUNDLE)/configs/train.yaml --max_epochs 12
-	OMP_NUM_THREADS=2 $(GLIMPSE_RUN) --run_id evaluate \
+	OMP_NUM_THREADS=1 $(GLIMPSE_RUN) --run_id training --config_file $(GLIMPSE_BUNDLE)/configs/train.yaml --max_epochs 12
+	OMP_NUM_THREADS=1 $(GLIMPSE_RUN) --run_id evaluate \
 		--config_file "['$(GLIMPSE_BUNDLE)/configs/train.yaml','$(GLIMPSE_BUNDLE)/configs/evaluate.yaml']"
 	cat $(GLIMPSE_DIR)/outputs/evaluation/metrics.json
 

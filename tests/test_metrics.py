@@ -29,7 +29,6 @@ from medgain.metrics import (
     attention_inputs,
     attention_iou,
     binary_labels,
-    positive_probability,
     positive_score,
     scores_and_labels,
     tpr_at_fpr,

@@ -11,7 +11,14 @@ from ignite.engine import Engine
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from medgain.handlers import OperatingPointMetrics
-from medgain.metrics import fpr_budget_note, min_negatives, positive_score, scores_and_labels, tpr_at_fpr
+from medgain.metrics import (
+    fpr_budget_note,
+    min_negatives,
+    positive_probability,
+    positive_score,
+    scores_and_labels,
+    tpr_at_fpr,
+)
 
 
 def _confident_study(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,6 +46,7 @@ def test_scores_do_not_saturate_so_the_low_false_alarm_operating_point_exists() 
     assert scores.dtype == torch.float64
     margins = (logits[:, 1] - logits[:, 0]).double()
     torch.testing.assert_close(scores, margins)  # two-class log-odds = the logit margin, exactly
+    torch.testing.assert_close(positive_probability(logits), torch.sigmoid(margins))  # for display only
     for max_fpr in (0.0005, 0.001):
         tpr, threshold = tpr_at_fpr(scores, ill, max_fpr)
         assert tpr == pytest.approx(_sklearn_tpr(margins.numpy(), labels.numpy(), max_fpr)) and tpr > 0.6

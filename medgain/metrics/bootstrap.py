@@ -8,22 +8,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.utils import convert_to_numpy
+
+from medgain.metrics.roc import checked_scores
 
 __all__ = ["auc_score", "bootstrap_auc", "oof_auc_summary"]
-
-
-def _arrays(scores: Any, labels: Any, caller: str) -> tuple[np.ndarray, np.ndarray]:
-    s = np.asarray(convert_to_numpy(scores), dtype=np.float64).reshape(-1)
-    y = np.asarray(convert_to_numpy(labels)).reshape(-1)
-    if s.shape != y.shape:
-        raise ValueError(f"{caller}: {s.size} scores but {y.size} labels")
-    if not np.isfinite(s).all():
-        raise ValueError(f"{caller}: {int((~np.isfinite(s)).sum())} scores are NaN or infinite")
-    bad = np.setdiff1d(np.unique(y), [0, 1])
-    if bad.size:
-        raise ValueError(f"{caller}: labels must be 0 or 1, found {bad.tolist()}")
-    return s, y.astype(np.float64)
 
 
 def _weighted_auc(inverse: np.ndarray, y: np.ndarray, weights: np.ndarray, n_values: int) -> float:
@@ -53,7 +41,7 @@ def auc_score(
     Raises:
         ValueError: for mismatched shapes, non-finite scores or labels other than 0/1.
     """
-    s, y = _arrays(scores, labels, "auc_score")
+    s, y = checked_scores(scores, labels, "auc_score")
     values, inverse = np.unique(s, return_inverse=True)
     return _weighted_auc(inverse, y, np.ones_like(y), values.size)
 
@@ -85,7 +73,7 @@ def bootstrap_auc(
     Raises:
         ValueError: for invalid inputs, a single class, or ``n_bootstrap`` / ``confidence`` out of range.
     """
-    s, y = _arrays(scores, labels, "bootstrap_auc")
+    s, y = checked_scores(scores, labels, "bootstrap_auc")
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"bootstrap_auc: confidence must be in (0, 1), got {confidence}")
     if n_bootstrap < 1:
@@ -143,7 +131,7 @@ def oof_auc_summary(
         "confidence": float, "n": int, "n_positive": int}`` (a single-class fold has a NaN AUC and is left out of
         the mean).
     """
-    s, y = _arrays(scores, labels, "oof_auc_summary")
+    s, y = checked_scores(scores, labels, "oof_auc_summary")
     f = np.asarray(folds).reshape(-1)
     if f.size != s.size:
         raise ValueError(f"oof_auc_summary: {f.size} fold indices for {s.size} scores")

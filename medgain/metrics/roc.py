@@ -15,6 +15,7 @@ from medgain.metrics.scores import binary_labels, output_items, positive_score, 
 
 __all__ = [
     "TPRAtFPRMetric",
+    "checked_scores",
     "fpr_budget_note",
     "min_negatives",
     "operating_point",
@@ -24,10 +25,14 @@ __all__ = [
 ]
 
 
-def _checked(
+def checked_scores(
     scores: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, caller: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(scores, labels)`` as flat float64 arrays after checking them, errors prefixed with ``caller``."""
+    """``(scores, labels)`` as flat float64 arrays after checking them, errors prefixed with ``caller``.
+
+    Raises:
+        ValueError: when the shapes differ, a score is not finite or a label is not 0 / 1.
+    """
     s = np.asarray(convert_to_numpy(scores), dtype=np.float64).reshape(-1)
     y = np.asarray(convert_to_numpy(labels)).reshape(-1)
     if s.shape != y.shape:
@@ -68,7 +73,7 @@ def roc_curve(
     Raises:
         ValueError: when the shapes differ, a score is not finite, a label is not 0/1 or a class is missing.
     """
-    s, y = _checked(scores, labels, "roc_curve")
+    s, y = checked_scores(scores, labels, "roc_curve")
     n_pos = int(y.sum())
     if n_pos == 0 or n_pos == y.size:
         raise ValueError(f"roc_curve: needs both classes, got {n_pos} positive and {y.size - n_pos} negative")
@@ -121,7 +126,7 @@ def tpr_at_fpr(
     """
     if not 0.0 <= max_fpr <= 1.0:
         raise ValueError(f"tpr_at_fpr: max_fpr must be in [0, 1], got {max_fpr}")
-    s, y = _checked(scores, labels, "tpr_at_fpr")
+    s, y = checked_scores(scores, labels, "tpr_at_fpr")
     n_pos = int(y.sum())
     if n_pos == 0 or n_pos == y.size:
         warnings.warn(
