@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import logging
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,17 +12,15 @@ from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
 
 from medgain.handlers.glimpse_overlay import draw_glimpses, glimpse_boxes
-from medgain.handlers.utils import attach_once, batch_has, class_indices, log_artifact, require_keys, sample_ids
+from medgain.handlers.prediction_writer import PredictionCSVWriter
+from medgain.handlers.utils import batch_has, class_indices, log_artifact, require_keys, sample_ids
 from medgain.metrics.scores import positive_score, score_to_probability, stack_output
-from medgain.model_file import decision_threshold, load_operating_point
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
     from monai.handlers import MLFlowHandler
 
 __all__ = ["GlimpsePredictionWriter"]
-
-logger = logging.getLogger(__name__)
 
 
 def _source_scale(path: str, height: int, width: int) -> tuple[float, float]:
@@ -41,10 +37,12 @@ def _source_scale(path: str, height: int, width: int) -> tuple[float, float]:
     return source_w / width, source_h / height
 
 
-class GlimpsePredictionWriter:
+class GlimpsePredictionWriter(PredictionCSVWriter):
     """Writes ``output_dir/filename`` with one row per image and ``output_dir/glimpses/<stem>_f<frame>.png``.
 
-    Columns: ``file, frame, score, probability, decision[, label]``, then for each glimpse ``t`` (in order)
+    A :class:`~medgain.handlers.prediction_writer.PredictionCSVWriter` (same threshold handling and columns)
+    with the glimpses added. Columns: ``file, frame, score, probability, decision[, label]``, then for each
+    glimpse ``t`` (in order)
     ``glimpse<t>_x, glimpse<t>_y, glimpse<t>_width, glimpse<t>_height``: centre and extent of the glimpse in
     pixels of the source image (its size read from the file header; the network may have read a resized copy,
     where the glimpse is a square of ``scale`` times the shorter side). ``score`` is the
@@ -79,43 +77,9 @@ class GlimpsePredictionWriter:
         label_key: str = "label",
         mlflow_handler: MLFlowHandler | None = None,
     ) -> None:
-        if (threshold is None) == (checkpoint is None):
-            raise ValueError(
-                f"GlimpsePredictionWriter: give exactly one of threshold and checkpoint, got threshold={threshold}, "
-                f"checkpoint={checkpoint}"
-            )
-        if threshold is not None and not math.isfinite(threshold):
-            raise ValueError(f"GlimpsePredictionWriter: threshold must be finite, got {threshold}")
+        super().__init__(output_dir, filename, threshold, checkpoint, path_key, frame_key, label_key, mlflow_handler)
         self.output_dir = Path(output_dir)
-        self.output_path = self.output_dir / filename
-        self.threshold = None if threshold is None else float(threshold)
-        self.checkpoint = checkpoint
         self.overlays = overlays
-        self.path_key = path_key
-        self.frame_key = frame_key
-        self.label_key = label_key
-        self.mlflow_handler = mlflow_handler
-        self.rows: list[tuple] = []
-
-    def attach(self, engine: Engine) -> None:
-        """Collect rows every iteration of ``engine`` and write the CSV when it completes."""
-        from ignite.engine import Events
-
-        attach_once(
-            engine,
-            [(Events.STARTED, self.start), (Events.ITERATION_COMPLETED, self), (Events.COMPLETED, self.write)],
-        )
-
-    def start(self, engine: Engine | None = None) -> None:
-        """Empty the rows and read the checkpoint's threshold (None when the model has no operating point)."""
-        self.rows = []
-        if self.checkpoint is None:
-            return
-        try:
-            self.threshold = decision_threshold(load_operating_point(self.checkpoint), self.checkpoint)
-        except ValueError as err:
-            self.threshold = None
-            logger.error("%s No decisions are written; the scores, probabilities and glimpses are.", err)
 
     def __call__(self, engine: Engine) -> None:
         """Buffer the rows of one batch and write its overlays."""
@@ -137,7 +101,7 @@ class GlimpsePredictionWriter:
                 ((x + 0.5) * sx - 0.5, (y + 0.5) * sy - 0.5, side * sx, side * sy)
                 for x, y, side in glimpse_boxes(centers[i], scales[i], height, width)
             ]
-            self.rows.append((path, frame, score, decision, label, boxes))
+            self.rows.append((path, frame, score, decision, label, boxes))  # type: ignore[arg-type]
             if self.overlays:
                 folder = self.output_dir / "glimpses"
                 folder.mkdir(parents=True, exist_ok=True)
