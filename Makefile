@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
 
-.PHONY: demo demo-glimpse test bench clean
+.PHONY: demo demo-glimpse demo-wsi demo-dermoscopy test bench clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "medgain needs $(PYTHON) on PATH (set PYTHON=...)"; exit 1; }
@@ -37,6 +37,26 @@ demo-glimpse: $(STAMP)
 		--config_file "['$(GLIMPSE_BUNDLE)/configs/train.yaml','$(GLIMPSE_BUNDLE)/configs/evaluate.yaml']"
 	cat $(GLIMPSE_DIR)/outputs/evaluation/metrics.json
 
+# whole-slide patches (small_cnn, 64-px patches at level 1): synthetic slides, patch tables, GAIN training,
+# patch + slide evaluation (slide AUC, FROC, heat maps). Validated once, after the last epoch: the synthetic
+# patches saturate the validation figures from the first epoch, and a tie keeps the earliest model.
+WSI_DIR ?= demo_wsi
+WSI_BUNDLE := bundles/wsi_patch_gain
+WSI_RUN := OMP_NUM_THREADS=2 $(BIN)/python -m monai.bundle run --bundle_root $(WSI_DIR)/run \
+	--meta_file $(WSI_BUNDLE)/configs/metadata.json --logging_file $(WSI_BUNDLE)/configs/logging.conf \
+	--dataset_dir $(WSI_DIR)/data --num_workers 0 --level 1
+demo-wsi: $(STAMP)
+	OMP_NUM_THREADS=2 $(BIN)/medgain synth wsi --out $(WSI_DIR)/slides --n-slides 10 --seed 0 --size 3072
+	OMP_NUM_THREADS=2 $(BIN)/medgain wsi patches --labels $(WSI_DIR)/slides/labels.csv --out $(WSI_DIR)/data \
+		--level 1 --patch-size 64 --max-eval-patches 600
+	$(WSI_RUN) --run_id training --config_file $(WSI_BUNDLE)/configs/train.yaml --network small_cnn --patch_size 64 \
+		--batch_size 16 --max_epochs 8 --val_interval 8
+	$(WSI_RUN) --run_id evaluate --config_file "['$(WSI_BUNDLE)/configs/train.yaml','$(WSI_BUNDLE)/configs/evaluate.yaml']"
+	cat $(WSI_DIR)/run/outputs/evaluation/metrics.json
+	@echo "slide maps, overlays, lesions: $(WSI_DIR)/run/outputs/evaluation/slides/"
+	@echo "browse the runs: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(WSI_DIR))/run/outputs/mlflow.db --host 127.0.0.1 --port 5000"
+	@echo "then open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/gradcam.py
 	$(BIN)/python benchmarks/gain_step.py
@@ -44,5 +64,14 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/wsi_inference.py
 	$(BIN)/python benchmarks/study_inference.py
 
+# dermoscopy attention-crop pipeline (small_cnn at 64 px, 3 folds): synthetic ISIC-style data, full-image model,
+# attention crops of the originals, crop model, ensemble weighted on out-of-fold predictions
+DERMOSCOPY_DIR ?= demo_dermoscopy
+demo-dermoscopy: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/medgain synth dermoscopy --out $(DERMOSCOPY_DIR)/data --n-images 300 --seed 0 \
+		--prevalence 0.2 --images-per-patient 3 --min-size 160 --max-size 320
+	OMP_NUM_THREADS=1 $(BIN)/medgain pipeline attention-crop --config pipelines/attention_crop/demo.yaml \
+		--dataset-dir $(DERMOSCOPY_DIR)/data --output-dir $(DERMOSCOPY_DIR)/pipeline
+
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) $(GLIMPSE_DIR)
+	rm -rf $(VENV) $(DEMO_DIR) $(GLIMPSE_DIR) $(WSI_DIR) $(DERMOSCOPY_DIR)

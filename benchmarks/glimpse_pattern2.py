@@ -99,6 +99,8 @@ def main() -> None:
     p.add_argument("--alpha", type=float, default=0.5, help="area share of the location loss")
     p.add_argument("--location-weight", type=float, default=1.0)
     p.add_argument("--rank-weight", type=float, default=0.0)
+    p.add_argument("--step-weight", type=float, default=0.0, help="weight of the inhibition-of-return step loss")
+    p.add_argument("--min-step", type=float, default=0.15, help="free step between glimpses (fraction of the side)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
@@ -122,7 +124,10 @@ def main() -> None:
         exclude_first_glimpse=not args.include_first,
         freeze_encoder_norm=not args.batch_stats,
     )
-    loss_fn = GlimpseLoss(location_weight=args.location_weight, alpha=args.alpha, rank_weight=args.rank_weight)
+    loss_fn = GlimpseLoss(
+        location_weight=args.location_weight, alpha=args.alpha, rank_weight=args.rank_weight,
+        step_weight=args.step_weight, min_step=args.min_step,
+    )
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     generator = torch.Generator().manual_seed(args.seed)

@@ -7,7 +7,7 @@ different target class per sample, and leaves the model untouched (no train/eval
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -170,6 +170,8 @@ def grad_cam(
     class_index: int | Sequence[int] | torch.Tensor | None = None,
     *,
     create_graph: bool = False,
+    forward_args: Sequence[Any] = (),
+    forward_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward ``images`` and return ``(logits, cam)`` with a per-sample target class.
 
@@ -184,6 +186,9 @@ def grad_cam(
         target_layer: ``named_modules()`` name of the layer whose output is explained.
         class_index: a tensor / list of B class indices, one int for all, or None for the arg-max per sample.
         create_graph: differentiate through the Grad-CAM channel weights too.
+        forward_args: further positional inputs of the model after the images (e.g. encoded metadata of a
+            fused image + metadata model); the cam explains the image branch.
+        forward_kwargs: further keyword inputs of the model.
 
     Returns:
         logits (B, num_classes) and cam (B, 1, H, W), raw (see :func:`cam_from_activations`).
@@ -192,7 +197,7 @@ def grad_cam(
     grad_mode = torch.is_grad_enabled()
     with ActivationCapture(layer, grad_from_layer=not grad_mode) as capture:
         try:
-            logits = model(images)
+            logits = model(images, *forward_args, **(forward_kwargs or {}))
         finally:
             torch.set_grad_enabled(grad_mode)
         acts = capture.pop()

@@ -438,6 +438,309 @@ def _add_unveil_parser(subparsers: argparse._SubParsersAction) -> None:
     unveil.set_defaults(func=_run_unveil)
 
 
+def _run_wsi_patches(args: argparse.Namespace) -> int:
+    from medgain.wsi import make_patch_dataset
+
+    counts = make_patch_dataset(
+        args.labels,
+        args.out,
+        args.level,
+        args.patch_size,
+        fractions=args.split_fractions,
+        seed=args.seed,
+        annotation_column=args.annotation_column,
+        max_per_class=args.max_per_class,
+        max_eval_patches=args.max_eval_patches,
+        stride=args.stride,
+        min_coverage=args.min_coverage,
+        min_tissue=args.min_tissue,
+        backend=args.backend,
+        default_mpp=args.default_mpp,
+    )
+    print(args.out)
+    for split in ("training", "validation", "test"):
+        print(
+            f"{split}: {counts[f'{split}_slides']} slides, {counts[split]} patches "
+            f"({counts[f'{split}_tumour']} tumour)"
+        )
+    return 0
+
+
+def _add_wsi_parser(subparsers: argparse._SubParsersAction) -> None:
+    wsi = subparsers.add_parser("wsi", help="whole-slide image data sets", description="Whole-slide image data sets.")
+    commands = wsi.add_subparsers(dest="wsi_command", required=True, metavar="COMMAND")
+    patches = commands.add_parser(
+        "patches",
+        help="split slides and write the patch tables of the whole-slide bundle",
+        description="Split the slides of a label CSV (slide, label, image, annotation) by slide into training / "
+        "validation / test, stratified by slide label, and write slides_<split>.csv and patches_<split>.csv "
+        "(slide, x, y, level, label, coverage) into --out: a grid over the tissue, labelled from the tumour "
+        "annotations; training patches balanced tumour / normal.",
+    )
+    add = patches.add_argument
+    add("--labels", type=Path, required=True, help="slide label CSV (e.g. labels.csv of `medgain synth wsi`)")
+    add("--out", type=Path, required=True, help="data set folder")
+    add("--level", type=_bounded(int, 0), default=0, help="pyramid level of the patches (default: %(default)s)")
+    add("--patch-size", type=_bounded(int, 8), default=224, help="patch side in pixels of --level (default: %(default)s)")
+    add("--stride", type=_bounded(int, 1), default=None, help="grid step in pixels of --level (default: the patch size)")
+    add("--split-fractions", type=_bounded(float, 0.0, 1.0), nargs=3, default=[0.6, 0.2, 0.2],
+        metavar=("TRAIN", "VAL", "TEST"), help="slide shares of the splits (default: 0.6 0.2 0.2)")
+    add("--seed", type=_bounded(int, 0), default=0, help="random seed (default: %(default)s)")
+    add("--annotation-column", default="annotation_xml", help="annotation column of --labels (default: %(default)s)")
+    add("--min-coverage", type=_bounded(float, 0.0, 1.0), default=0.5,
+        help="tumour share of a patch for label 1 (default: %(default)s)")
+    add("--min-tissue", type=_bounded(float, 0.0, 1.0), default=0.5, help="tissue share of a patch (default: %(default)s)")
+    add("--max-per-class", type=_bounded(int, 1), default=None, help="cap on training patches per class")
+    add("--max-eval-patches", type=_bounded(int, 1), default=None, help="cap on validation / test patches per split")
+    add("--backend", choices=["tifffile", "openslide", "cucim"], default="tifffile", help="WSI backend (default: %(default)s)")
+    add("--default-mpp", type=_bounded(float, 0.001), default=None,
+        help="microns per pixel to assume for slides without resolution tags")
+    patches.set_defaults(func=_run_wsi_patches)
+
+
+def _run_study_run(args: argparse.Namespace) -> int:
+    from medgain.study import load_study, run_study
+
+    spec = load_study(args.study)
+    outcomes = run_study(spec, workers=args.workers)
+    counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
+    print(f"study {spec.name}: {counts['done']} run(s) done, {counts['skipped']} finished earlier (skipped), "
+          f"{counts['failed']} failed; runs under {spec.output_dir / 'runs'}")
+    for outcome in outcomes:
+        if outcome.status == "failed":
+            print(f"  FAILED {outcome.key.folder}: {outcome.message}", file=sys.stderr)
+    print(f"report: .venv/bin/medgain study report {args.study}")
+    return 1 if counts["failed"] else 0
+
+
+def _run_study_report(args: argparse.Namespace) -> int:
+    from medgain.study import load_study, write_report
+
+    spec = load_study(args.study)
+    path = write_report(spec, args.out, n_bootstrap=args.n_bootstrap, seed=args.seed)
+    print(path.read_text())
+    print(f"written: {path} (and summary.csv, differences.csv, runs.csv, plots beside it)")
+    return 0
+
+
+def _add_study_parser(subparsers: argparse._SubParsersAction) -> None:
+    study = subparsers.add_parser(
+        "study",
+        help="grids of bundle configurations x seeds, with bootstrap confidence intervals",
+        description="Run a study (configurations x seeds x data seeds of one bundle, each trained and evaluated "
+        "through monai.bundle run) and report it. See pipelines/study/README.md.",
+    )
+    commands = study.add_subparsers(dest="study_command", required=True, metavar="ACTION")
+    run = commands.add_parser("run", help="run every unfinished run of the study (finished runs are skipped)")
+    run.add_argument("study", type=Path, help="study YAML file")
+    run.add_argument("--workers", type=_bounded(int, 1), default=None,
+                     help="parallel runs (default: the study's 'workers', else one per GPU, else 1)")
+    run.set_defaults(func=_run_study_run)
+    report = commands.add_parser("report", help="Markdown + CSV tables and plots of the finished runs")
+    report.add_argument("study", type=Path, help="study YAML file")
+    report.add_argument("--out", type=Path, default=None, help="report folder (default: <output_dir>/report)")
+    report.add_argument("--n-bootstrap", type=_bounded(int, 100), default=1000,
+                        help="bootstrap draws (default: %(default)s)")
+    report.add_argument("--seed", type=_bounded(int, 0), default=0, help="bootstrap seed (default: %(default)s)")
+    report.set_defaults(func=_run_study_report)
+
+
+def _run_review(args: argparse.Namespace) -> int:
+    from medgain.registry import review_model
+
+    review = review_model(
+        args.model, args.version, args.data, args.out, split=args.split, against=args.against,
+        tracking_uri=args.tracking_uri, n_bootstrap=args.n_bootstrap, gallery_size=args.gallery_size,
+        bundles_dir=args.bundles_dir,
+    )
+    for name, figure in review["figures"].items():
+        print(f"{review['split']}_{name:24s} {figure['value']:.4f}  [{figure['low']:.4f}, {figure['high']:.4f}]")
+    print(f"report: {Path(args.out) / 'report.html'} (logged as {review['report_link']})")
+    return 0
+
+
+def _run_promote(args: argparse.Namespace) -> int:
+    from medgain.registry import PromotionRefused, promote
+
+    try:
+        result = promote(
+            args.model, args.version, args.alias, args.gate, args.reviewer, override=args.override,
+            reason=args.reason, tracking_uri=args.tracking_uri,
+        )
+    except PromotionRefused as err:
+        print(f"medgain promote: refused: {err}", file=sys.stderr)
+        return 2
+    for verdict in result["verdicts"]:
+        value = "n/a" if verdict["value"] is None else f"{verdict['value']:.4f}"
+        print(f"{'pass' if verdict['passed'] else 'FAIL'}  {verdict['rule']}  {value}  {verdict['why']}".rstrip())
+    print(f"{args.model} version {args.version}: {result['decision']} to alias {args.alias!r}")
+    return 0
+
+
+def _run_package(args: argparse.Namespace) -> int:
+    from medgain.registry import build_package
+
+    manifest = build_package(
+        args.model, args.out, tracking_uri=args.tracking_uri, sign_key=args.sign_key, wheel=args.wheel,
+        include_wheel=not args.no_wheel, bundles_dir=args.bundles_dir,
+    )
+    signed = "signed" if "signing_key" in manifest else "unsigned"
+    print(f"{args.out}: {manifest['model']} version {manifest['version']}, {len(manifest['files'])} files, {signed}")
+    return 0
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from medgain.registry import PackageVerificationError, verify_package
+
+    try:
+        manifest = verify_package(args.package, args.public_key, require_signature=args.require_signature)
+    except PackageVerificationError as err:
+        print(f"medgain verify: FAILED: {err}", file=sys.stderr)
+        return 1
+    checked = "hashes and signature" if args.public_key else "hashes (no public key: signer not checked)"
+    print(f"{args.package}: OK ({checked}); {manifest['model']} version {manifest['version']}")
+    return 0
+
+
+def _add_registry_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """``medgain review | promote | package | verify``: the model registry's review, gate and partner packages."""
+    tracking = {"help": "MLflow tracking / registry URI (default: $MLFLOW_TRACKING_URI)"}
+    review = subparsers.add_parser(
+        "review",
+        help="evaluate a registered model version and write the reviewer's HTML report",
+        description="Evaluate model NAME version V on a data split through its bundle's evaluate config; "
+        "writes OUT/report.html (self-contained) and OUT/review.json, logs them on the version's run and links "
+        "the report from the version.",
+    )
+    add = review.add_argument
+    add("--model", required=True, help="registered model name")
+    add("--version", required=True, help="model version")
+    add("--data", type=Path, required=True,
+        help="the evaluated data: a datalist JSON, or the bundle's data folder (whole-slide: dataset_dir)")
+    add("--split", default="test", help="datalist split (default: %(default)s)")
+    add("--against", help="alias of the model compared with on the same data (e.g. champion)")
+    add("--out", type=Path, required=True, help="output folder")
+    add("--n-bootstrap", type=_bounded(int, 10), default=1000, help="bootstrap resamples (default: %(default)s)")
+    add("--gallery-size", type=_bounded(int, 0), default=8, help="frames per gallery category (default: %(default)s)")
+    add("--bundles-dir", type=Path, help="folder of the bundle folders (default: the repository's bundles/)")
+    add("--tracking-uri", **tracking)
+    review.set_defaults(func=_run_review)
+    promote = subparsers.add_parser(
+        "promote",
+        help="check a reviewed version against a gate and move a registry alias to it",
+        description="Check the rules of GATE against the version's review; on pass move ALIAS to the version. "
+        "The decision (reviewer, time, gate hash, each rule's value and verdict) is recorded as version tags.",
+    )
+    add = promote.add_argument
+    add("--model", required=True, help="registered model name")
+    add("--version", required=True, help="model version")
+    add("--alias", default="champion", help="alias moved on pass (default: %(default)s)")
+    add("--gate", type=Path, required=True, help="gate YAML (rules, not_worse_than)")
+    add("--reviewer", required=True, help="who decides (recorded)")
+    add("--override", action="store_true", help="promote although rules fail (needs --reason; recorded)")
+    add("--reason", help="why the gate is overridden")
+    add("--tracking-uri", **tracking)
+    promote.set_defaults(func=_run_promote)
+    package = subparsers.add_parser(
+        "package",
+        help="a reviewed model version as an offline MONAI bundle zip for a partner hospital",
+        description="Build a MONAI bundle zip (standalone inference, evaluate config, weights, TorchScript, model "
+        "card, review report, medgain wheel, manifest with sha256 of every file, optional Ed25519 signature).",
+    )
+    add = package.add_argument
+    add("--model", required=True, help="NAME@ALIAS or NAME@VERSION, e.g. capsule_endoscopy_gain@champion")
+    add("--out", type=Path, required=True, help="zip file written")
+    add("--sign-key", type=Path, help="Ed25519 private key (PEM) signing the manifest")
+    add("--wheel", type=Path, help="medgain wheel to include (default: built from this source tree)")
+    add("--no-wheel", action="store_true", help="leave the wheel out (requirements.txt pins medgain)")
+    add("--bundles-dir", type=Path, help="folder of the bundle folders (default: the repository's bundles/)")
+    add("--tracking-uri", **tracking)
+    package.set_defaults(func=_run_package)
+    verify = subparsers.add_parser(
+        "verify",
+        help="check a partner package's file hashes and signature",
+        description="Check every file of a package (zip or unpacked folder) against its manifest and, with "
+        "--public-key, the Ed25519 signature; exits non-zero naming the first file that differs.",
+    )
+    verify.add_argument("package", type=Path, help="package zip or unpacked folder")
+    verify.add_argument("--public-key", type=Path, help="signer's Ed25519 public key (PEM)")
+    verify.add_argument("--require-signature", action="store_true", help="fail without a verified signature")
+    verify.set_defaults(func=_run_verify)
+
+
+def _run_pipeline_attention_crop(args: argparse.Namespace) -> int:
+    from medgain.pipeline import run_attention_crop
+
+    summary = run_attention_crop(
+        args.config, dataset_dir=args.dataset_dir, output_dir=args.output_dir, seed=args.seed
+    )
+    print(json.dumps({k: summary[k] for k in ("weights", "oof", "test") if k in summary}, indent=2))
+    print(f"MLflow: {summary['tracking_uri']} (parent run {summary['parent_run_id']})")
+    return 0
+
+
+def _add_pipeline_parser(subparsers: argparse._SubParsersAction) -> None:
+    pipeline = subparsers.add_parser(
+        "pipeline", help="multi-stage workflows composing bundles", description="Multi-stage workflows."
+    )
+    commands = pipeline.add_subparsers(dest="pipeline_command", required=True, metavar="PIPELINE")
+    crop = commands.add_parser(
+        "attention-crop",
+        help="dermoscopy: full-image model, attention crops of the originals, crop model, OOF-weighted ensemble",
+        description="Run or resume the attention-guided cropping pipeline (pipelines/attention_crop/README.md); "
+        "stages whose output exists are skipped.",
+    )
+    crop.add_argument("--config", required=True, help="pipeline YAML, e.g. pipelines/attention_crop/config.yaml")
+    crop.add_argument("--dataset-dir", default=None, help="replaces the config's dataset_dir")
+    crop.add_argument("--output-dir", default=None, help="replaces the config's output_dir")
+    crop.add_argument("--seed", type=_bounded(int, 0), default=None, help="replaces the config's seed")
+    crop.set_defaults(func=_run_pipeline_attention_crop)
+
+
+def _print_journals(results: list[dict[str, Any]]) -> int:
+    for row in results:
+        print(
+            f"{row['journal']}  run {row['run_name']} ({row['run_id'] or 'not created yet'}): {row['records']} "
+            f"records, {row['pending']} pending, {row['rejected']} refused by the server — {row['status']}"
+        )
+    if not results:
+        print("no tracking journals found")
+    return 0 if all(row["status"] == "delivered" for row in results) else 1
+
+
+def _run_sync(args: argparse.Namespace) -> int:
+    from medgain.tracking import sync
+
+    return _print_journals(sync(args.run_dir))
+
+
+def _run_runs_doctor(args: argparse.Namespace) -> int:
+    from medgain.tracking import sync
+
+    return _print_journals(sync(args.run_dir, mark_killed=True))
+
+
+def _add_tracking_parsers(subparsers: argparse._SubParsersAction) -> None:
+    sync = subparsers.add_parser(
+        "sync",
+        help="send the MLflow records a run kept while the tracking server was unreachable",
+        description="Deliver, in order and exactly once, every tracking journal under RUN_DIR (e.g. "
+        "<bundle_root>/models/tracking) that no running process holds. Exit code 1 while some stay pending.",
+    )
+    sync.add_argument("run_dir", type=Path, help="a run's checkpoint folder, its tracking folder or one journal")
+    sync.set_defaults(func=_run_sync)
+    runs = subparsers.add_parser("runs", help="tracked runs", description="Tracked runs.")
+    commands = runs.add_subparsers(dest="runs_command", required=True, metavar="COMMAND")
+    doctor = commands.add_parser(
+        "doctor",
+        help="mark runs whose process was killed as KILLED and deliver what they kept",
+        description="For every tracking journal under RUN_DIR that no running process holds: a run that was never "
+        "closed (its process was killed) is marked KILLED; then everything pending is delivered.",
+    )
+    doctor.add_argument("run_dir", type=Path, help="a run's checkpoint folder, its tracking folder or one journal")
+    doctor.set_defaults(func=_run_runs_doctor)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level ``medgain`` parser with all command groups registered."""
     parser = argparse.ArgumentParser(prog="medgain", description="Guided-attention (GAIN) training for medical images.")
@@ -445,6 +748,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth_parser(subparsers)
     _add_demo_parser(subparsers)
     _add_unveil_parser(subparsers)
+    _add_wsi_parser(subparsers)
+    _add_study_parser(subparsers)
+    _add_registry_parsers(subparsers)
+    _add_pipeline_parser(subparsers)
+    _add_tracking_parsers(subparsers)
     return parser
 
 
@@ -461,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError, subprocess.CalledProcessError) as err:
+    except (ValueError, OSError, RuntimeError, subprocess.CalledProcessError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1
 

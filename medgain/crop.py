@@ -23,7 +23,7 @@ from skimage.measure import label as connected_components
 
 from medgain.transforms.io import read_frame, read_label_map
 
-__all__ = ["BOX_COLUMNS", "attention_box", "crop_square", "write_attention_crops"]
+__all__ = ["BOX_COLUMNS", "attention_box", "box_overlay", "crop_square", "write_attention_crops"]
 
 #: columns of the box table written by :func:`write_attention_crops`.
 BOX_COLUMNS = ("image", "crop", "patient", "label", "y0", "x0", "y1", "x1", "height", "width")
@@ -207,7 +207,8 @@ def write_attention_crops(
     For item ``i`` the box is ``attention_box(attention_maps[i], (H, W), ...)`` on the original (read with
     ``medgain.transforms.read_frame``); the crop is written at ``out_size`` to ``crops/<name>.png`` and, when the
     item has a lesion label map, the same box of its lesion mask (non-zero labels, 0 / 255) to
-    ``crop_masks/<name>.png``. The table ``filename`` lists :data:`BOX_COLUMNS` per item.
+    ``crop_masks/<name>_segmentation.png`` (the ISIC naming, so that the two folders read as a data set with
+    :func:`medgain.data.read_dermoscopy_csv`). The table ``filename`` lists :data:`BOX_COLUMNS` per item.
 
     Args:
         items: datalist items with an image path (and optionally ``patient``, ``label``, a label map).
@@ -257,7 +258,7 @@ def write_attention_crops(
                     f"{item[label_map_key]}: label map is {lesion.shape[0]}x{lesion.shape[1]} but its image "
                     f"{source} is {image.shape[0]}x{image.shape[1]}"
                 )
-            mask_path = out / "crop_masks" / f"{name}.png"
+            mask_path = out / "crop_masks" / f"{name}_segmentation.png"
             mask_path.parent.mkdir(exist_ok=True)
             Image.fromarray(crop_square(lesion, box, out_size).astype(np.uint8) * 255).save(mask_path)
             new[label_map_key] = str(mask_path)
@@ -269,3 +270,23 @@ def write_attention_crops(
         writer.writerow(BOX_COLUMNS)
         writer.writerows(rows)
     return crop_items, path
+
+
+def box_overlay(image: np.ndarray, box: Sequence[int], max_side: int = 512, width: int = 3) -> Image.Image:
+    """The full-resolution image (H, W, 3) in [0, 1] or uint8, downscaled so that its longer side is at most
+    ``max_side``, with ``box`` (``(y0, x0, y1, x1)`` in full-resolution pixels) drawn as a yellow rectangle."""
+    from PIL import ImageDraw
+
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"box_overlay: expected an (H, W, 3) image, got {tuple(array.shape)}")
+    if array.dtype != np.uint8:
+        array = np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
+    height, width_px = array.shape[:2]
+    scale = min(1.0, max_side / max(height, width_px))
+    picture = Image.fromarray(array)
+    if scale < 1.0:
+        picture = picture.resize((max(1, round(width_px * scale)), max(1, round(height * scale))), Image.BILINEAR)
+    y0, x0, y1, x1 = (float(v) * scale for v in box)
+    ImageDraw.Draw(picture).rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=(255, 220, 0), width=width)
+    return picture

@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,8 @@ def bundle_run(
     bundle_root: str | os.PathLike | None = None,
     capture_output: bool = False,
     check: bool = True,
+    env: Mapping[str, str] | None = None,
+    log_path: str | os.PathLike | None = None,
     **overrides: Any,
 ) -> subprocess.CompletedProcess:
     """Run ``python -m monai.bundle run <run_id>`` on a bundle in a subprocess (the users' entry point).
@@ -34,6 +36,8 @@ def bundle_run(
         bundle_root: value of the ``bundle_root`` variable (outputs, models); default: the bundle folder.
         capture_output: return stdout / stderr as text instead of printing them.
         check: raise when the run fails.
+        env: environment variables added to this process's for the run (e.g. ``CUDA_VISIBLE_DEVICES``).
+        log_path: append the run's stdout and stderr to this file instead of printing them.
         overrides: further config variables, passed as ``--name value``.
 
     Raises:
@@ -54,7 +58,11 @@ def bundle_run(
     ]
     for name, value in overrides.items():
         command += [f"--{name}", json.dumps(value) if isinstance(value, list | tuple) else str(value)]
-    return subprocess.run(command, check=check, capture_output=capture_output, text=True)
+    environment = {**os.environ, **env} if env else None
+    if log_path is None:
+        return subprocess.run(command, check=check, capture_output=capture_output, text=True, env=environment)
+    with open(log_path, "a") as log:
+        return subprocess.run(command, check=check, stdout=log, stderr=subprocess.STDOUT, text=True, env=environment)
 
 
 def run_capsule_demo(

@@ -60,6 +60,7 @@ def search_ensemble_weights(
     oof_scores: Mapping[str, np.ndarray | torch.Tensor | Sequence[float]],
     labels: np.ndarray | torch.Tensor | Sequence[int],
     step: float = 0.05,
+    groups: np.ndarray | Sequence[int] | None = None,
 ) -> EnsembleWeights:
     """Grid search of the ensemble weights that maximise the AUC of :func:`ensemble_scores`.
 
@@ -68,13 +69,18 @@ def search_ensemble_weights(
     Every weight vector on the simplex grid of spacing ``step`` is tried; among equal AUCs the one closest to
     uniform weights wins (then the first in grid order), so the choice is deterministic.
 
+    With ``groups`` (the fold of each sample) the objective is the mean of the per-fold AUCs: each fold's scores
+    come from another model, whose log-odds may sit on another scale, and pooling them ranks those shifts
+    together with the samples (a model better in every fold can lose on the pooled AUC).
+
     Args:
         oof_scores: model name → (N,) out-of-fold scores, all for the same samples in the same order.
         labels: (N,) 0/1 ground truth with both classes.
         step: grid spacing; ``1 / step`` must be an integer.
+        groups: (N,) fold of each sample, or None for the pooled AUC. Folds with a single class are left out.
 
     Returns:
-        the chosen weights, their AUC and each model's own AUC.
+        the chosen weights, their AUC and each model's own AUC (both the objective: pooled or fold mean).
 
     Raises:
         ValueError: for fewer than one model, an invalid ``step``, a single class or mismatched inputs.
@@ -91,14 +97,28 @@ def search_ensemble_weights(
         raise ValueError(f"search_ensemble_weights: {y.size} labels for {stacked.shape[1]} scores")
     if np.unique(y).size != 2:
         raise ValueError("search_ensemble_weights: the labels must hold both classes")
-    model_auc = {name: auc_score(stacked[i], y) for i, name in enumerate(names)}
+    if groups is None:
+        parts = [np.arange(y.size)]
+    else:
+        g = np.asarray(groups).reshape(-1)
+        if g.size != y.size:
+            raise ValueError(f"search_ensemble_weights: {g.size} groups for {y.size} labels")
+        parts = [np.flatnonzero(g == k) for k in np.unique(g)]
+        parts = [idx for idx in parts if np.unique(y[idx]).size == 2]
+        if not parts:
+            raise ValueError("search_ensemble_weights: no group holds both classes")
+
+    def objective(scores: np.ndarray) -> float:
+        return float(np.mean([auc_score(scores[idx], y[idx]) for idx in parts]))
+
+    model_auc = {name: objective(stacked[i]) for i, name in enumerate(names)}
     uniform = np.full(len(names), 1.0 / len(names))
     best: tuple[float, float, np.ndarray] | None = None
     for counts in itertools.product(range(n_steps + 1), repeat=len(names) - 1):
         if sum(counts) > n_steps:
             continue
         w = np.asarray([*counts, n_steps - sum(counts)], np.float64) / n_steps
-        auc = round(auc_score(w @ stacked, y), 12)  # float noise must not break ties
+        auc = round(objective(w @ stacked), 12)  # float noise must not break ties
         distance = float(np.square(w - uniform).sum())
         if best is None or (auc, -distance) > (best[0], -best[1]):
             best = (auc, distance, w)

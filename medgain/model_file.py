@@ -26,23 +26,34 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from medgain.networks import TARGET_LAYERS, build_classifier
+from medgain.networks import TARGET_LAYERS, ChipNet, FusionClassifier, RecurrentGlimpseNetwork, build_classifier
 
 __all__ = [
+    "ARCHITECTURES",
     "ModelSpec",
     "atomic_write",
     "build_network",
     "decision_threshold",
+    "find_training_checkpoint",
     "load_checkpoint",
     "load_model",
     "load_model_spec",
     "load_model_weights",
     "load_operating_point",
+    "load_training_checkpoint",
+    "save_checkpoint",
     "spec_from_config",
     "unwrap",
 ]
 
 _DDP_PREFIX = "module."
+#: model architectures a spec can describe, with the prefix of their backbone's layer names.
+ARCHITECTURES: dict[str, str] = {
+    "classifier": "",
+    "fusion": "image_branch.",
+    "chipnet": "encoder.",
+    "glimpse": "encoder.",
+}
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,20 @@ class ModelSpec:
         target_layer: Grad-CAM layer; default: the registry's layer of ``network``.
         normalization: ``{"mean": [...], "std": [...]}`` applied inside the network, or None (inputs in [0, 1]).
         class_names: one name per class index (class 0 = healthy).
+        architecture: "classifier" (the registered network alone), "fusion"
+            (:class:`medgain.networks.FusionClassifier`: ``network`` on the image + an MLP on the encoded metadata)
+            "chipnet" (:class:`medgain.networks.ChipNet` with ``network`` as chip encoder) or "glimpse"
+            (:class:`medgain.networks.RecurrentGlimpseNetwork` with ``network`` as glimpse encoder).
+        metadata_encoder: for "fusion": :meth:`medgain.data.MetadataEncoder.state` of the encoder fitted on the
+            training items (columns, categories, normalisation), so that inference encodes metadata as training did.
+        chip_size: for "chipnet": side of a chip in pixels.
+        level: for whole-slide patch models: the pyramid level the patches are read at (its magnification is part
+            of what the network learned), or None.
+        glimpse: for "glimpse": the keyword arguments of :class:`~medgain.networks.RecurrentGlimpseNetwork`
+            besides the encoder, classes and channels (glimpses, sizes, scales, ...).
+
+    The last five fields are left out of :meth:`as_dict` at their defaults, so plain classifiers' specs keep
+    their original form.
     """
 
     network: str
@@ -66,15 +91,31 @@ class ModelSpec:
     target_layer: str = ""
     normalization: dict[str, list[float]] | None = None
     class_names: list[str] = field(default_factory=list)
+    architecture: str = "classifier"
+    metadata_encoder: dict[str, Any] | None = None
+    chip_size: int = 0
+    level: int | None = None
+    glimpse: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.network not in TARGET_LAYERS:
             raise ValueError(f"unknown network {self.network!r}; registered: {sorted(TARGET_LAYERS)}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.architecture!r}; one of {sorted(ARCHITECTURES)}")
+        if self.architecture == "fusion" and not isinstance(self.metadata_encoder, Mapping):
+            raise ValueError("a 'fusion' model spec needs metadata_encoder (MetadataEncoder.state())")
+        if self.architecture == "chipnet" and not (isinstance(self.chip_size, int) and self.chip_size > 0):
+            raise ValueError(f"a 'chipnet' model spec needs a positive chip_size, got {self.chip_size!r}")
+        if self.architecture == "glimpse" and not isinstance(self.glimpse, Mapping):
+            raise ValueError("a 'glimpse' model spec needs glimpse (the RecurrentGlimpseNetwork options)")
+        if self.level is not None and not (isinstance(self.level, int) and self.level >= 0):
+            raise ValueError(f"level must be a non-negative pyramid level or None, got {self.level!r}")
         size = (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
         if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
             raise ValueError(f"image_size must be one or two positive integers, got {self.image_size!r}")
         object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
-        object.__setattr__(self, "target_layer", self.target_layer or TARGET_LAYERS[self.network])
+        default_layer = ARCHITECTURES[self.architecture] + TARGET_LAYERS[self.network]
+        object.__setattr__(self, "target_layer", self.target_layer or default_layer)
         names = list(self.class_names) or [f"class_{i}" for i in range(max(self.num_classes, 2))]
         object.__setattr__(self, "class_names", names)
         if self.normalization is not None:
@@ -85,6 +126,12 @@ class ModelSpec:
         """Plain types only (stored in checkpoints, logged as MLflow params)."""
         out = asdict(self)
         out["image_size"] = list(self.image_size)
+        defaults = (
+            ("architecture", "classifier"), ("metadata_encoder", None), ("chip_size", 0), ("level", None), ("glimpse", None)
+        )
+        for name, default in defaults:
+            if out[name] == default:
+                del out[name]
         return out
 
 
@@ -92,6 +139,32 @@ def build_network(spec: ModelSpec | Mapping[str, Any], pretrained_path: str | os
     """The network a spec (or its dict) describes, with its input normalisation, freshly initialised (or from
     ``pretrained_path``)."""
     spec = spec if isinstance(spec, ModelSpec) else ModelSpec(**spec)
+    if spec.architecture == "fusion":
+        from medgain.data.dermoscopy import MetadataEncoder
+
+        assert spec.metadata_encoder is not None
+        return FusionClassifier(
+            spec.network,
+            MetadataEncoder.from_state(spec.metadata_encoder).num_features,
+            spec.num_classes,
+            in_channels=spec.in_channels,
+            pretrained_path=pretrained_path,
+            normalization=spec.normalization,
+        )
+    if spec.architecture == "chipnet":
+        return ChipNet(
+            spec.network,
+            spec.chip_size,
+            spec.num_classes,
+            in_channels=spec.in_channels,
+            pretrained_path=pretrained_path,
+            normalization=spec.normalization,
+        )
+    if spec.architecture == "glimpse":
+        assert spec.glimpse is not None
+        return RecurrentGlimpseNetwork(
+            spec.network, spec.num_classes, spec.in_channels, pretrained_path=pretrained_path, **spec.glimpse
+        )
     return build_classifier(
         spec.network,
         spec.num_classes,
@@ -130,6 +203,72 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises KeyError, RuntimeError, UnpicklingError... for foreign files
         raise ValueError(f"{path}: not a PyTorch checkpoint readable with weights_only=True ({err!r})") from err
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    """``torch.save`` through :func:`atomic_write`: a kill never leaves a half file under ``path``.
+
+    Raises:
+        OSError: naming the file when it cannot be written (e.g. a full disk); the previous file is intact.
+    """
+    path = Path(path)
+    try:
+        atomic_write(path, lambda f: torch.save(dict(state), f))
+    except OSError as err:
+        kept = "; the previous version of this file is intact" if path.is_file() else ""
+        raise OSError(err.errno, f"{path}: cannot save the checkpoint ({err.strerror or err}){kept}") from err
+
+
+def load_training_checkpoint(path: str | os.PathLike, keys: Sequence[str]) -> dict[str, Any]:
+    """A training checkpoint (``CheckpointSaver`` / :class:`medgain.handlers.TrainingCheckpointSaver` format),
+    checked: readable, complete and holding a state for each of ``keys``.
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        ValueError: naming the file when it is truncated or corrupt, foreign (e.g. a model file or another
+            program's file), or lacks one of ``keys``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, foreign pickle...
+        raise ValueError(
+            f"{path}: not a readable training checkpoint (truncated, corrupt or not written by PyTorch: {err!r})"
+        ) from err
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{path}: not a training checkpoint (a {type(checkpoint).__name__}, not a dict of states)")
+    missing = [key for key in keys if not isinstance(checkpoint.get(key), Mapping)]
+    if missing:
+        hint = " (it is a model file; resume from a training checkpoint)" if "model_spec" in checkpoint else ""
+        raise ValueError(
+            f"{path}: not a training checkpoint of this run: no state for {missing} (it holds {sorted(checkpoint)})"
+            + hint
+        )
+    return dict(checkpoint)
+
+
+def find_training_checkpoint(
+    save_dir: str | os.PathLike, keys: Sequence[str], pattern: str = "*.pt"
+) -> tuple[Path | None, list[str]]:
+    """The newest valid training checkpoint in ``save_dir`` (most trainer iterations, then newest file).
+
+    Returns:
+        The path (None when no valid one) and one line per file that was passed over, with the reason.
+    """
+    found, skipped = [], []
+    for path in Path(save_dir).glob(pattern):
+        if path.name.startswith("."):
+            continue
+        try:
+            checkpoint = load_training_checkpoint(path, keys)
+        except ValueError as err:
+            skipped.append(str(err))
+            continue
+        trainer = checkpoint.get("trainer", {})
+        found.append((int(trainer.get("iteration", 0)), path.stat().st_mtime, path))
+    return (max(found)[2] if found else None), skipped
 
 
 def load_model_spec(path: str | os.PathLike, **expected: Any) -> ModelSpec:
@@ -266,8 +405,14 @@ def spec_from_config(
     class_names: Sequence[str] = (),
     target_layer: str | None = None,
     in_channels: int = 3,
+    architecture: str = "classifier",
+    metadata_encoder: Mapping[str, Any] | None = None,
+    chip_size: int = 0,
+    level: int | None = None,
+    glimpse: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A validated model spec as a plain dict, for a bundle config (``BestModelSaver(model_spec=...)``)."""
+    """A validated model spec as a plain dict, for a bundle config (``BestModelSaver(model_spec=...)``); see
+    :class:`ModelSpec` for the fields."""
     return ModelSpec(
         network=network,
         num_classes=int(num_classes),
@@ -276,4 +421,9 @@ def spec_from_config(
         target_layer=target_layer or "",
         normalization=None if normalization is None else dict(normalization),  # type: ignore[arg-type]
         class_names=list(class_names),
+        architecture=architecture,
+        metadata_encoder=None if metadata_encoder is None else dict(metadata_encoder),
+        chip_size=int(chip_size),
+        level=None if level is None else int(level),
+        glimpse=None if glimpse is None else dict(glimpse),
     ).as_dict()

@@ -23,6 +23,7 @@ from PIL import Image
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from medgain.attention import grad_cam, normalize_cam
+from medgain.data.phi import frame_ref
 from medgain.handlers.attention_overlay import AttentionOverlaySaver
 from medgain.handlers.best_checkpoint import BestModelSaver
 from medgain.handlers.model_registration import ModelRegistration
@@ -158,7 +159,8 @@ def test_attention_overlay_keeps_a_fixed_sample_set_and_logs_each_round(tmp_path
     for sample, cam in zip(saver.samples, raw):  # compact CPU copies, not views into whole batches
         assert sample["image"].untyped_storage().nbytes() == 3 * 32 * 32 * 4
         torch.testing.assert_close(sample["cam"], cam[0].detach())  # raw: one common scale, not per-frame maxima
-    assert saver.samples[0]["id"] == "frame.png" and saver.samples[3]["id"] == "clip.dcm f1"
+    ids = [(s["image_path"], s["frame"]) for s in samples]
+    assert [s["id"] for s in saver.samples] == [frame_ref(*ids[i]) for i in chosen[0]]  # pseudonyms, no file names
     for epoch in (1, 2):
         with Image.open(tmp_path / "out" / "attention" / f"validation_epoch_{epoch:03d}.png") as png:
             assert png.size == (1250, 580)  # 5 columns of 2.3 in + a colour bar, 5.8 in high, 100 dpi
@@ -284,16 +286,16 @@ def test_best_model_saver_keeps_the_best_round_and_registration_adds_one_version
     trainer = _engine({}, epoch=6)
     registration = ModelRegistration(saver, ml, "medgain-test-model", tags={"bundle": "test"})
     registration(trainer)
-    registration(trainer)  # a second run of the same name: a second version, alias moves
+    registration(trainer)  # the same run completing again (resumed, or the record sent twice): still one version
     versions = sorted(client.search_model_versions("name='medgain-test-model'"), key=lambda v: int(v.version))
-    assert [str(v.version) for v in versions] == ["1", "2"] and versions[-1].run_id == ml.cur_run.info.run_id
+    assert [str(v.version) for v in versions] == ["1"] and versions[-1].run_id == ml.cur_run.info.run_id
     aliases = client.get_registered_model("medgain-test-model").aliases
-    assert {k: str(v) for k, v in aliases.items()} == {"candidate": "2"}
+    assert {k: str(v) for k, v in aliases.items()} == {"candidate": "1"}
     assert versions[-1].tags["operating_point.threshold"] == "0.55" and versions[-1].tags["bundle"] == "test"
     assert "epoch 3" in versions[-1].description and "p >= 0.634" in versions[-1].description
     run = client.get_run(ml.cur_run.info.run_id)
     assert run.data.metrics["best_epoch"] == 3 and run.data.metrics["best_val_auc"] == 0.8
-    assert run.data.tags["registered_model"] == "medgain-test-model v2"
+    assert run.data.tags["registered_model"] == "medgain-test-model v1"
     assert versions[-1].source.endswith(f"{ml.cur_run.info.run_id}/artifacts/model")
     local = client.download_artifacts(ml.cur_run.info.run_id, "model", str(tmp_path / "dl"))
     loaded = mlflow.pytorch.load_model(local)
@@ -302,7 +304,7 @@ def test_best_model_saver_keeps_the_best_round_and_registration_adds_one_version
     assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 32, 32]
     assert list(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 2]
     assert torch.load(saver.checkpoint_path, weights_only=True)["provenance"] == {
-        "run_id": ml.cur_run.info.run_id, "model_name": "medgain-test-model", "model_version": "2"
+        "run_id": ml.cur_run.info.run_id, "model_name": "medgain-test-model", "model_version": "1"
     }
     fresh = _net()
     assert load_model_weights(fresh, saver.checkpoint_path)["epoch"] == 3
@@ -417,6 +419,11 @@ def test_prediction_csv_writer_with_threshold_and_checkpoint(tmp_path: Path, tra
     assert [int(r["label"]) for r in rows] == LABELS
     assert (tmp_path / "b" / "p.csv").read_text() == (tmp_path / "a" / "predictions.csv").read_text()
     assert "predictions.csv" in _artifacts(tracking_uri, ml)
+    logged = mlflow.MlflowClient(tracking_uri).download_artifacts(ml.cur_run.info.run_id, "predictions.csv", str(tmp_path))
+    with open(logged) as f:
+        logged_rows = list(csv.DictReader(f))
+    assert [r["ref"] for r in logged_rows] == [frame_ref(s["image_path"], s["frame"]) for s in samples]
+    assert "file" not in logged_rows[0] and all(str(tmp_path) not in r["ref"] for r in logged_rows)
     ml.close()
 
     unlabelled = PredictionCSVWriter(str(tmp_path / "c"), threshold=0.5)

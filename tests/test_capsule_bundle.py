@@ -114,11 +114,12 @@ def test_training_resumes_from_a_checkpoint(trained: Path, dataset: Path, tmp_pa
     assert "Got new best metric" not in log  # MONAI's "new best … 0.0" after a resume: gone
     state = torch.load(last, weights_only=False)["trainer"]
     assert state["iteration"] == 3 * state["epoch_length"]
-    newest = max(_runs(root, "train-"), key=lambda r: r.info.start_time)
-    history = _client(root).get_metric_history(newest.info.run_id, "val_auc")
-    assert [m.step for m in history] == [3]  # only the resumed epoch ran
-    # the killed run's checkpoint_epoch=2.pt does not linger beside the resumed run's epoch-3 one
-    assert sorted(p.name for p in (root / "models").glob("*epoch=*.pt")) == ["checkpoint_checkpoint_epoch=3.pt"]
+    (run,) = _runs(root, "train-")  # the resumed training continues its MLflow run
+    assert run.info.status == "FINISHED"
+    history = _client(root).get_metric_history(run.info.run_id, "val_auc")
+    assert [m.step for m in history] == [1, 2, 3]  # only the resumed epoch ran, into the same history
+    # the earlier process's checkpoint_epoch=2.pt does not linger beside the resumed run's epoch-3 one
+    assert sorted(p.name for p in (root / "models").glob("*epoch=*.pt")) == ["checkpoint_epoch=3.pt"]
 
 
 def test_evaluate_reports_the_shipped_operating_point_and_links_the_training_run(trained: Path, dataset: Path) -> None:

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from monai.bundle import run
 from PIL import Image
 
+from medgain.cli import main as medgain_main
 from medgain.demo import bundle_run
-from medgain.model_file import load_operating_point
-from medgain.synth import make_pattern_dataset
+from medgain.model_file import load_model, load_model_spec, load_operating_point
+from medgain.synth import make_pattern_dataset, make_wsi_dataset
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "glimpse_attention"
 TINY = {
@@ -40,9 +42,12 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_training_logs_glimpses_statistics_and_best_model(trained: tuple[Path, Path]) -> None:
     _, root = trained
     assert (root / "models" / "model.pt").is_file() and (root / "models" / "checkpoint_last.pt").is_file()
-    panels = sorted((root / "outputs" / "glimpses").glob("epoch_*.png"))
-    assert [p.name for p in panels] == ["epoch_001.png", "epoch_002.png"]
-    assert Image.open(panels[0]).size == (2 * 48, 2 * 48)  # 2 tumour + 2 normal validation images
+    spec = load_model_spec(root / "models" / "model.pt")  # the model file describes its network
+    assert spec.architecture == "glimpse" and spec.network == "small_cnn" and spec.glimpse["num_glimpses"] == 3
+    assert load_model(root / "models" / "model.pt").num_glimpses == 3
+    panels = sorted((root / "outputs" / "glimpses").glob("validation_epoch_*.png"))
+    assert [p.name for p in panels] == ["validation_epoch_001.png", "validation_epoch_002.png"]
+    assert Image.open(panels[0]).size == (2 * 288, 2 * 288)  # 2 tumour + 2 normal images, 48² tiles enlarged ×6
     client = mlflow.MlflowClient(f"sqlite:///{root / 'outputs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("glimpse_attention")
     (run,) = client.search_runs([experiment.experiment_id])
@@ -53,7 +58,7 @@ def test_training_logs_glimpses_statistics_and_best_model(trained: tuple[Path, P
     assert metrics["val_glimpse_step_distance"] > 0.1  # the initial glimpses are spread
     assert run.data.params["num_glimpses"] == "3"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "glimpses")}
-    assert artifacts == {"glimpses/epoch_001.png", "glimpses/epoch_002.png"}
+    assert artifacts == {"glimpses/validation_epoch_001.png", "glimpses/validation_epoch_002.png"}
 
 
 def test_evaluate_and_inference_write_glimpse_tables(trained: tuple[Path, Path], tmp_path: Path) -> None:
@@ -65,6 +70,7 @@ def test_evaluate_and_inference_write_glimpse_tables(trained: tuple[Path, Path],
     with open(evaluation / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4 and {r["label"] for r in rows} == {"0", "1"}
+    assert [p.name for p in (evaluation / "glimpses").iterdir()] == ["test.png"]
 
     images = tmp_path / "input"
     images.mkdir()
@@ -90,3 +96,32 @@ def test_evaluate_and_inference_write_glimpse_tables(trained: tuple[Path, Path],
         assert float(wide[f"glimpse{t}_height"]) == pytest.approx(float(same[f"glimpse{t}_height"]) * 1.5, rel=0.05)
     assert sorted(p.name for p in (out / "glimpses").glob("*.png")) == ["same_f0.png", "wide_f0.png"]
     assert "broken.png" in (out / "errors.csv").read_text()
+
+
+def test_trains_and_evaluates_on_the_whole_slide_patch_tables(tmp_path: Path) -> None:
+    """The whole-slide bundle's patch tables (tiles + tumour masks from the annotations) feed the glimpse model."""
+    labels = make_wsi_dataset(tmp_path / "slides", 6, seed=1, size=1024, tumour_rate=0.5, mpp=2.0)
+    data = tmp_path / "data"
+    assert medgain_main(["wsi", "patches", "--labels", str(labels), "--out", str(data), "--level", "1",
+                         "--patch-size", "32", "--max-per-class", "8", "--max-eval-patches", "12"]) == 0
+    root = tmp_path / "root"
+    wsi = {**TINY, "image_size": 32, "level": 1}
+    configs = BUNDLE / "configs"
+    common = {"meta_file": str(configs / "metadata.json"), "logging_file": str(configs / "logging.conf"),
+              "bundle_root": str(root), "dataset_dir": str(data), **wsi}
+    run("training", config_file=[str(configs / n) for n in ("train.yaml", "wsi_patches.yaml")], max_epochs=1,
+        **common)  # in process: two fewer interpreter start-ups
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'outputs' / 'mlflow.db'}")
+    (tracked,) = client.search_runs([client.get_experiment_by_name("glimpse_attention").experiment_id])
+    assert {"loss_location", "loss_step", "val_auc", "val_glimpse_on_tumour"} <= set(tracked.data.metrics)
+    run("evaluate", config_file=[str(configs / n) for n in ("train.yaml", "evaluate.yaml", "wsi_patches.yaml")],
+        **common)
+    with open(root / "outputs" / "evaluation" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    with open(data / "patches_test.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(rows) == len(table)  # one row per test patch: its slide and table row
+    assert {(Path(r["file"]).name, int(r["frame"])) for r in rows} == {
+        (Path(t["slide"]).name, i) for i, t in enumerate(table)}
+    for row in rows:  # glimpse boxes in pixels of the 32-px patch
+        assert all(-0.5 <= float(row[f"glimpse{t}_{k}"]) <= 31.5 for t in range(3) for k in ("x", "y"))

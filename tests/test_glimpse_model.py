@@ -17,6 +17,7 @@ from medgain.losses import (
     distance_location_loss,
     glimpse_mask_fraction,
     glimpse_rank_loss,
+    glimpse_step_loss,
 )
 from medgain.networks import GlimpseOutput, RecurrentGlimpseNetwork, gaussian_glimpses, glimpse_geometry
 from medgain.synth import make_pattern_dataset, make_pattern_image
@@ -152,6 +153,23 @@ def test_glimpse_loss_terms_weights_and_normal_images() -> None:
         GlimpseLoss(alpha=1.5)
     with pytest.raises(ValueError, match="location_decay"):
         GlimpseLoss(location_decay=0.0)
+
+
+def test_step_loss_charges_glimpses_that_stay_put() -> None:
+    # centres in [-1, 1]: a step of 0.2 in x is 0.1 of the side
+    centers = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [0.2, 0.0], [0.8, 0.0]]], requires_grad=True)
+    loss = glimpse_step_loss(centers, min_step=0.15)
+    assert loss.item() == pytest.approx((0.15 + 0.05 + 0.0) / 3, abs=1e-5)
+    loss.backward()
+    assert centers.grad[0, 2, 0] < 0 < centers.grad[0, 1, 0]  # the close pair (glimpses 1, 2) is pushed apart
+    assert centers.grad[0, 3].abs().sum() == 0  # a step over min_step costs nothing
+    assert glimpse_step_loss(centers[:, :1], 0.15).item() == 0.0
+    out = _output([[[0.0, 0.0], [0.0, 0.0]]], [[0.3, 0.3]])
+    terms = GlimpseLoss(step_weight=2.0, min_step=0.1)(out, torch.tensor([0]))
+    assert terms["step"].item() == pytest.approx(0.1, abs=1e-5)
+    torch.testing.assert_close(terms["loss"], terms["classification"] + terms["per_glimpse"] + 2.0 * terms["step"])
+    with pytest.raises(ValueError, match="min_step"):
+        GlimpseLoss(min_step=1.5)
 
 
 def test_patterns_are_deterministic_with_masks_on_the_checkerboards() -> None:

@@ -157,6 +157,7 @@ def test_run_inference_outputs_errors_and_resume(slides, maps, tmp_path):
         "attention.npy",
         "lesions.csv",
         "slide.json",
+        "thumbnail.png",
         "probability_overlay.png",
         "attention_overlay.png",
     } <= files
@@ -201,3 +202,20 @@ def test_slide_without_resolution_tags(tmp_path, caplog):
         assumed = run_inference([path], tmp_path / "assumed", _inferer(default_mpp=0.5))
     assert assumed["done"] == ["untagged"] and "assuming 0.5 microns per pixel" in caplog.text
     assert json.loads((tmp_path / "assumed" / "untagged" / "slide.json").read_text())["mpp"] is None
+
+
+def test_froc_is_nan_when_every_annotated_tumour_is_an_isolated_tumour_cell_cluster(tmp_path):
+    out = tmp_path / "out"
+    for name, score in (("small", 2.0), ("clean", -2.0)):
+        (out / name).mkdir(parents=True)
+        record = {"slide": name, "path": name, "score": score, "slide_shape": [1024, 1024], "mpp": 1.0}
+        (out / name / "slide.json").write_text(json.dumps(record))
+        (out / name / "lesions.csv").write_text(f"x,y,probability,log_odds,n_patches\n500,500,0.5,{score},1\n")
+    square = np.array([[480.0, 480.0], [600.0, 480.0], [600.0, 600.0], [480.0, 600.0]])  # 170 um across: an ITC
+    xml = write_asap_xml(tmp_path / "small.xml", [square])
+    table = [{"slide": "small", "label": 1, "annotation": str(xml)}, {"slide": "clean", "label": 0, "annotation": ""}]
+    metrics = evaluate_inference(out, table, mask_downsample=8.0)
+    assert metrics["slide_auc"] == 1.0 and metrics["n_tumours"] == 0 and np.isnan(metrics["froc"])
+    bigger = write_asap_xml(tmp_path / "big.xml", [square + [[0, 0], [200, 0], [200, 200], [0, 200]]])  # 320 um
+    metrics = evaluate_inference(out, [{**table[0], "annotation": str(bigger)}, table[1]], mask_downsample=8.0)
+    assert metrics["n_tumours"] == 1 and metrics["froc"] == 1.0  # the hit outranks the clean slide's false positive

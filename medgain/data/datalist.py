@@ -13,7 +13,7 @@ from monai.data import load_decathlon_datalist
 
 from medgain.transforms.io import count_frames, iter_frames
 
-__all__ = ["load_datalist", "expand_frames", "apply_mask_budget", "scan_folder"]
+__all__ = ["load_datalist", "expand_frames", "apply_mask_budget", "require_full_batch", "scan_folder"]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -94,6 +94,20 @@ def expand_frames(items: Sequence[dict], image_key: str = "image", frame_key: st
         for frame in range(count_frames(item[image_key])):
             expanded.append({**item, frame_key: frame})
     return expanded
+
+
+def require_full_batch(items: Sequence[dict], batch_size: int, split: str, source: str | os.PathLike) -> None:
+    """Refuse a split too small for one full batch (a loader that drops the last partial batch would run no
+    iteration, and the epoch would pass silently).
+
+    Raises:
+        ValueError: naming ``source`` (the data set), the split and both counts.
+    """
+    if len(items) < batch_size:
+        raise ValueError(
+            f"{source}: the {split} split has {len(items)} items, fewer than one batch of {batch_size}; training "
+            "would run no iteration (lower batch_size or add data)"
+        )
 
 
 def _budget_rank(seed: int, item: dict, image_key: str, frame_key: str, base_dir: str) -> tuple[str, str]:

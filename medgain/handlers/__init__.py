@@ -5,8 +5,12 @@ from medgain.handlers.attention_iou import AttentionIoU
 from medgain.handlers.attention_overlay import AttentionOverlaySaver
 from medgain.handlers.auc import AUC
 from medgain.handlers.best_checkpoint import BestModelSaver
+from medgain.handlers.buffered_mlflow import BufferedMLFlowHandler
 from medgain.handlers.cam_inferer import GradCamInferer
+from medgain.handlers.tta_inferer import DIHEDRAL_VIEWS, TTAGradCamInferer
 from medgain.handlers.checkpoint_pruner import CheckpointPruner
+from medgain.handlers.chip_inferer import ChipAttentionInferer
+from medgain.handlers.checkpoint_saver import TrainingCheckpointSaver
 from medgain.handlers.classification_metrics import ClassificationMetrics
 from medgain.handlers.failure import TrainingFailureHandler
 from medgain.handlers.gain import GAINHandler, gain_loss_terms
@@ -18,11 +22,13 @@ from medgain.handlers.glimpse_predictions import GlimpsePredictionWriter
 from medgain.handlers.heatmap_writer import HeatmapWriter
 from medgain.handlers.metrics_json import MetricsJSONWriter
 from medgain.handlers.model_registration import ModelRegistration
+from medgain.handlers.nonfinite_loss import NonFiniteLossError, NonFiniteLossHandler
 from medgain.handlers.operating_point import OperatingPointMetrics
 from medgain.handlers.prediction_writer import PredictionCSVWriter
 from medgain.handlers.resume import ResumeFromCheckpoint
 from medgain.handlers.roc_plot import ROCCurveSaver
 from medgain.handlers.sampler_epoch import SamplerEpoch
+from medgain.handlers.slide_evaluation import SlideEvaluation
 from medgain.handlers.run_tags import RunTags
 from medgain.handlers.tpr_at_fpr import TPRAtFPR
 from medgain.handlers.unveil_panels import UnveilPanelSaver
@@ -33,7 +39,9 @@ __all__ = [
     "AttentionIoU",
     "AttentionOverlaySaver",
     "BestModelSaver",
+    "BufferedMLFlowHandler",
     "CheckpointPruner",
+    "ChipAttentionInferer",
     "ClassificationMetrics",
     "GAINHandler",
     "GlimpseInferer",
@@ -42,16 +50,22 @@ __all__ = [
     "GlimpsePredictionWriter",
     "GlimpseStatistic",
     "GradCamInferer",
+    "DIHEDRAL_VIEWS",
+    "TTAGradCamInferer",
     "HeatmapWriter",
     "MetricsJSONWriter",
     "ModelRegistration",
+    "NonFiniteLossError",
+    "NonFiniteLossHandler",
     "OperatingPointMetrics",
     "PredictionCSVWriter",
     "ROCCurveSaver",
     "ResumeFromCheckpoint",
     "SamplerEpoch",
+    "SlideEvaluation",
     "RunTags",
     "TPRAtFPR",
+    "TrainingCheckpointSaver",
     "TrainingFailureHandler",
     "draw_glimpses",
     "gain_loss_terms",

@@ -13,6 +13,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from medgain.data.phi import frame_ref
 from medgain.handlers.utils import (
     attach_per_round,
     batch_has,
@@ -40,8 +41,9 @@ class AttentionOverlaySaver:
     copied to CPU memory. Each column shows a sample: on top the image, below it its raw Grad-CAM on ONE colour
     scale shared by the whole gallery (0 to the gallery's largest value, with a colour bar), so a healthy frame
     the model does not attend to stays dark instead of showing a bright "finding" of its own maximum; the
-    lesion-mask contour is drawn when the sample has a real mask. Under each column: the frame (file name and
-    frame index), its label, p(ill), the threshold and the decision at that threshold.
+    lesion-mask contour is drawn when the sample has a real mask. Under each column: the frame (its salted
+    pseudonym, :func:`medgain.data.phi.frame_ref`: no file name is burned into the image), its label, p(ill),
+    the threshold and the decision at that threshold.
 
     The threshold (log-odds, shown as a probability) is the validation round's ``threshold_metric`` or the
     operating point of ``checkpoint``; "no operating point" is printed when there is none. The gallery is written
@@ -137,7 +139,7 @@ class AttentionOverlaySaver:
                     "ill": bool(is_ill),
                     "class": int(classes[i]),
                     "score": float(scores[i]),
-                    "id": f"{Path(ids[i][0]).name}" + (f" f{ids[i][1]}" if ids[i][1] else ""),
+                    "id": frame_ref(*ids[i]),
                 }
             )
             need_pos, need_neg = self._missing()

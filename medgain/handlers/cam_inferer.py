@@ -25,7 +25,8 @@ class GradCamInferer(Inferer):
     attention is measured on every validation round without a second forward. Once attached to the evaluator,
     each iteration's ``engine.state.output`` also holds ``cam_key`` (B, 1, H, W, raw Grad-CAM, detached) and the
     batch entries named in ``batch_keys`` (e.g. lesion masks), moved to the output's device, for the
-    localisation metrics and the attention-overlay artifacts.
+    localisation metrics and the attention-overlay artifacts. Models with further inputs (image + metadata)
+    get them from the evaluator's ``prepare_batch`` (``monai.engines.PrepareBatchExtraInput``).
 
     Args:
         target_layer: ``named_modules()`` name of the Grad-CAM layer.
@@ -49,8 +50,12 @@ class GradCamInferer(Inferer):
         self.last_cam: torch.Tensor | None = None
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Forward ``inputs``; returns detached logits and stores the cam in ``last_cam``."""
-        logits, cam = grad_cam(network, inputs, self.target_layer, self.class_index)
+        """Forward ``inputs`` (and the extra model inputs ``args`` / ``kwargs`` that MONAI's
+        ``PrepareBatchExtraInput`` gives, e.g. metadata); returns detached logits and stores the cam in
+        ``last_cam``."""
+        logits, cam = grad_cam(
+            network, inputs, self.target_layer, self.class_index, forward_args=args, forward_kwargs=kwargs
+        )
         self.last_cam = cam.detach()
         return logits.detach()
 

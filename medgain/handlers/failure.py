@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from monai.handlers import MLFlowHandler
+
+from medgain.handlers.checkpoint_saver import training_state
+from medgain.model_file import save_checkpoint
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
 __all__ = ["TrainingFailureHandler", "root_cause"]
+
+logger = logging.getLogger(__name__)
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -33,8 +38,9 @@ class TrainingFailureHandler:
 
     List it FIRST among the engine's handlers: MONAI handlers such as ``StatsHandler`` re-raise from their own
     exception handler, after which no later handler runs. The checkpoint holds ``save_dict``'s state dicts plus
-    the trainer's (the engine itself), in the format of MONAI's ``CheckpointSaver`` / ``CheckpointLoader``, so a
-    run resumes from it with ``--resume_from``. The MLflow run keeps everything logged so far and gets an
+    the trainer's (the engine itself), in the format of MONAI's ``CheckpointSaver`` / ``CheckpointLoader``, written
+    atomically, so a run resumes from it with ``--resume_from`` (list the tracking handler in ``save_dict`` to
+    resume into the same MLflow run). The MLflow run keeps everything logged so far and gets an
     ``error`` tag with the root cause (e.g. "path/to/frame.png: cannot decode image ...").
 
     Args:
@@ -62,13 +68,15 @@ class TrainingFailureHandler:
         engine.add_event_handler(Events.EXCEPTION_RAISED, self)
 
     def __call__(self, engine: Engine, error: Exception) -> None:
-        """Save, record the failure and re-raise ``error``."""
+        """Save, record the failure and re-raise ``error`` (a failed save is logged, never hides ``error``)."""
         if self.save_path is not None:
-            state = {name: obj.state_dict() for name, obj in {**self.save_dict, "trainer": engine}.items()}
-            self.save_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.save_path.with_suffix(".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, self.save_path)
+            try:
+                self.save_path.parent.mkdir(parents=True, exist_ok=True)
+                save_checkpoint(self.save_path, training_state(self.save_dict, engine))
+                logger.error("training failed; its last state is saved to %s (resume with --resume_from)",
+                             self.save_path)
+            except OSError as save_error:
+                logger.error("training failed and its last state could not be saved: %s", save_error)
         run = self.mlflow_handler.cur_run if self.mlflow_handler is not None else None
         if run is not None:
             cause = root_cause(error)

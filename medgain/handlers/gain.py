@@ -94,6 +94,12 @@ class GAINHandler:
     and whose mask is not empty (without a ``has_mask_key`` entry, a foreground pixel is enough). A batch
     without a mask key skips L_ex; a batch without positives skips positive-only L_am; both count as 0.
 
+    Models with further inputs (e.g. ``FusionClassifier(image, metadata)`` under
+    ``prepare_batch=monai.engines.PrepareBatchExtraInput({"metadata": "metadata"})``): the extra positional and
+    keyword inputs of the trainer's forward are recorded, and the second forward gets them at the rows of the
+    erased images (tensors whose first dimension is the batch size are indexed, other values passed unchanged).
+    The cam is always taken on the image branch (``target_layer``).
+
     Distributed training: the second forward calls the module inside the ``DistributedDataParallel`` wrapper
     directly (``torch.func.functional_call``), so DDP sees one forward per iteration, and both passes reach the
     parameters in the single backward of the trainer: autograd sums the contributions before each parameter's
@@ -166,6 +172,7 @@ class GAINHandler:
         self.mask_key, self.has_mask_key = mask_key, has_mask_key
         self.multilabel_mode = multilabel_mode
         self._capture: ActivationCapture | None = None
+        self._extra_inputs: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
         self._warned_no_mask = False
 
     def attach(self, engine: Engine) -> None:
@@ -182,10 +189,17 @@ class GAINHandler:
         if self._capture is None:
             self._capture = ActivationCapture(resolve_layer(engine.network, self.target_layer))
             self._capture.enabled = False
+            _unwrap(engine.network).register_forward_pre_hook(self._record_inputs, with_kwargs=True)
+
+    def _record_inputs(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Keep the inputs after the images of the trainer's own forward (not those of the second forward)."""
+        if self._capture is not None and self._capture.enabled:
+            self._extra_inputs = (tuple(args[1:]), dict(kwargs))
 
     def _arm(self, engine: Engine) -> None:
         assert self._capture is not None
         self._capture.enabled = True
+        self._extra_inputs = ((), {})
 
     def _disarm(self, engine: Engine) -> None:
         assert self._capture is not None
@@ -241,8 +255,25 @@ class GAINHandler:
             has_mask = mask.flatten(1).amax(1) > 0
         return mask, has_mask
 
-    def _second_forward(self, network: nn.Module, erased: torch.Tensor) -> torch.Tensor:
-        """Forward the erased images with gradient-scaled parameter views (1/m) and optionally frozen BatchNorm."""
+    def _extra_rows(self, rows: torch.Tensor, batch_size: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The recorded extra model inputs at ``rows`` of the batch."""
+
+        def pick(value: Any) -> Any:
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch_size:
+                return value[rows.to(value.device)]
+            return value
+
+        args, kwargs = self._extra_inputs
+        return tuple(pick(v) for v in args), {k: pick(v) for k, v in kwargs.items()}
+
+    def _second_forward(
+        self,
+        network: nn.Module,
+        erased: torch.Tensor,
+        extra: tuple[tuple[Any, ...], dict[str, Any]] = ((), {}),
+    ) -> torch.Tensor:
+        """Forward the erased images (with the extra model inputs of their rows) with gradient-scaled parameter
+        views (1/m) and optionally frozen BatchNorm."""
         module = _unwrap(network)
         m = self.grad_magnitude
         if m == 1.0:
@@ -252,7 +283,7 @@ class GAINHandler:
         else:
             params = {n: _ScaleGrad.apply(p, 1.0 / m) for n, p in module.named_parameters()}
         with _batchnorm_eval(module, self.freeze_bn_on_erased):
-            return functional_call(module, params, (erased,))
+            return functional_call(module, params, (erased, *extra[0]), extra[1])
 
     def _targets(self, labels: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sample index, class index, slot) of every cam to compute.
@@ -336,7 +367,8 @@ class GAINHandler:
                     terms["loss_area"] = attention_area_loss(t, self.area_bounds)
                 if am_on:
                     erased = erase(images[samples[sel]], t, self.fill)
-                    erased_logits = self._second_forward(network, erased)
+                    extra = self._extra_rows(samples[sel], logits.shape[0])
+                    erased_logits = self._second_forward(network, erased, extra)
                     if self.multilabel_mode == "all_labels":
                         pairs = torch.nonzero(labels.reshape(logits.shape[0], -1)[samples[sel]] > 0.5)
                         terms["loss_am"] = attention_mining_loss(

@@ -1,4 +1,4 @@
-"""Trainer handler: the recurrent glimpse model's full loss (per-glimpse, rank and location terms)."""
+"""Trainer handler: the recurrent glimpse model's full loss (per-glimpse, rank, step and location terms)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 __all__ = ["GlimpseLossHandler", "glimpse_loss_terms"]
 
 #: names under which the loss terms are kept in ``engine.state.output``
-GLIMPSE_LOSS_TERMS = ("classification", "per_glimpse", "rank", "location", "area", "distance")
+GLIMPSE_LOSS_TERMS = ("classification", "per_glimpse", "rank", "step", "location", "area", "distance")
 
 
 class GlimpseLossHandler:

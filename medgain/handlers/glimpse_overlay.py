@@ -69,10 +69,11 @@ def draw_glimpses(image: torch.Tensor | np.ndarray, centers: torch.Tensor, scale
 class GlimpseOverlaySaver:
     """Each validation round, a grid of fixed samples with their glimpses drawn in order (yellow → red).
 
-    The samples are the first ``num_positives`` tumour and ``num_negatives`` normal images in validation order;
-    each tile is titled in the image with its label and probability. The grid goes to
-    ``output_dir/glimpses/epoch_{epoch:03d}.png`` and, with an MLflow handler, to the run under
-    ``artifact_path``. The evaluator output must hold ``image``, ``pred``, ``label``, ``glimpse_centers`` and
+    The samples are the first ``num_positives`` tumour and ``num_negatives`` normal images in the split's order;
+    each tile is enlarged to at least ``min_tile_size`` pixels and titled with its label and probability. The grid
+    goes to ``output_dir/glimpses/<split>_epoch_<epoch:03d>.png`` (``per_round``) or
+    ``output_dir/glimpses/<split>.png`` and, with an MLflow handler, to the run under ``artifact_path``. The
+    evaluator output must hold ``image``, ``pred``, ``label``, ``glimpse_centers`` and
     ``glimpse_scales`` (see :class:`~medgain.handlers.GlimpseInferer`).
 
     Args:
@@ -81,6 +82,9 @@ class GlimpseOverlaySaver:
         num_negatives: normal images shown.
         mlflow_handler: the MONAI ``MLFlowHandler`` owning the run, or None to only write files.
         artifact_path: MLflow artifact folder.
+        split: name of the evaluated split, in file names ("validation", "test").
+        per_round: one file per round (validation during training) or a single file (a test evaluation).
+        min_tile_size: smallest side of a tile in pixels; smaller images are enlarged (nearest neighbour).
     """
 
     def __init__(
@@ -90,6 +94,9 @@ class GlimpseOverlaySaver:
         num_negatives: int = 4,
         mlflow_handler: MLFlowHandler | None = None,
         artifact_path: str = "glimpses",
+        split: str = "validation",
+        per_round: bool = True,
+        min_tile_size: int = 256,
     ) -> None:
         if num_positives < 0 or num_negatives < 0 or num_positives + num_negatives == 0:
             raise ValueError(
@@ -100,6 +107,9 @@ class GlimpseOverlaySaver:
         self.wanted = {1: num_positives, 0: num_negatives}
         self.mlflow_handler = mlflow_handler
         self.artifact_path = artifact_path
+        self.split = split
+        self.per_round = per_round
+        self.min_tile_size = min_tile_size
         self.tiles: dict[int, list[Image.Image]] = {0: [], 1: []}
 
     def attach(self, engine: Engine) -> None:
@@ -121,7 +131,11 @@ class GlimpseOverlaySaver:
         probabilities = score_to_probability(positive_score(logits)).tolist()
         for i, cls in enumerate(classes):
             if len(self.tiles[cls]) < self.wanted[cls]:
-                tile = draw_glimpses(images[i], centers[i], scales[i])
+                image = images[i]
+                zoom = max(1, -(-self.min_tile_size // min(image.shape[-2:])))
+                if zoom > 1:
+                    image = torch.nn.functional.interpolate(image[None].float(), scale_factor=zoom, mode="nearest")[0]
+                tile = draw_glimpses(image, centers[i], scales[i])
                 ImageDraw.Draw(tile).text((3, tile.height - 12), f"y={cls} p={probabilities[i]:.2f}", fill=(0, 255, 255))
                 self.tiles[cls].append(tile)
 
@@ -138,7 +152,8 @@ class GlimpseOverlaySaver:
             for c, tile in enumerate(row):
                 grid.paste(tile, (c * tile_w, r * tile_h))
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        path = self.output_dir / f"epoch_{engine.state.epoch:03d}.png"
+        name = f"{self.split}_epoch_{engine.state.epoch:03d}.png" if self.per_round else f"{self.split}.png"
+        path = self.output_dir / name
         grid.save(path)
         log_artifact(self.mlflow_handler, path, self.artifact_path)
         return path

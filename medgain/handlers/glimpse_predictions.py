@@ -44,8 +44,9 @@ class GlimpsePredictionWriter(PredictionCSVWriter):
     with the glimpses added. Columns: ``file, frame, score, probability, decision[, label]``, then for each
     glimpse ``t`` (in order)
     ``glimpse<t>_x, glimpse<t>_y, glimpse<t>_width, glimpse<t>_height``: centre and extent of the glimpse in
-    pixels of the source image (its size read from the file header; the network may have read a resized copy,
-    where the glimpse is a square of ``scale`` times the shorter side). ``score`` is the
+    pixels of the source image (``coordinates="source"``: its size read from the file header; the network may have
+    read a resized copy, where the glimpse is a square of ``scale`` times the shorter side) or of the network
+    input (``coordinates="input"``: for patches cut from a larger file, e.g. whole-slide patch tables). ``score`` is the
     log-odds of being ill (:func:`~medgain.metrics.scores.positive_score`), ``probability`` its sigmoid,
     ``decision`` 1 when ``score >= threshold``; the threshold is ``threshold`` or the operating point of
     ``checkpoint`` — a checkpoint without one gets an empty decision column and a logged error. The overlay shows
@@ -63,6 +64,10 @@ class GlimpsePredictionWriter(PredictionCSVWriter):
         frame_key: batch key of the frame indices.
         label_key: batch key of the class indices (0 = normal), written when present.
         mlflow_handler: the MONAI ``MLFlowHandler`` owning the run, or None to only write files.
+        coordinates: "source" (pixels of the source file) or "input" (pixels of the network input).
+
+    Raises:
+        ValueError: for another ``coordinates``.
     """
 
     def __init__(
@@ -76,10 +81,14 @@ class GlimpsePredictionWriter(PredictionCSVWriter):
         frame_key: str = "frame",
         label_key: str = "label",
         mlflow_handler: MLFlowHandler | None = None,
+        coordinates: str = "source",
     ) -> None:
         super().__init__(output_dir, filename, threshold, checkpoint, path_key, frame_key, label_key, mlflow_handler)
+        if coordinates not in ("source", "input"):
+            raise ValueError(f"GlimpsePredictionWriter: coordinates must be 'source' or 'input', got {coordinates!r}")
         self.output_dir = Path(output_dir)
         self.overlays = overlays
+        self.coordinates = coordinates
 
     def __call__(self, engine: Engine) -> None:
         """Buffer the rows of one batch and write its overlays."""
@@ -96,7 +105,7 @@ class GlimpsePredictionWriter(PredictionCSVWriter):
         height, width = images.shape[-2:]
         for i, ((path, frame), score, label) in enumerate(zip(ids, scores, labels)):
             decision = None if self.threshold is None else int(score >= self.threshold)
-            sx, sy = _source_scale(path, height, width)
+            sx, sy = _source_scale(path, height, width) if self.coordinates == "source" else (1.0, 1.0)
             boxes = [
                 ((x + 0.5) * sx - 0.5, (y + 0.5) * sy - 0.5, side * sx, side * sy)
                 for x, y, side in glimpse_boxes(centers[i], scales[i], height, width)

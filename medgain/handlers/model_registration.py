@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from mlflow.entities import Metric
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from medgain.handlers.best_checkpoint import BestModelSaver
 from medgain.handlers.utils import active_run_id, attach_once
-from medgain.model_file import atomic_write, load_checkpoint, load_model_weights, unwrap
+from medgain.model_file import load_checkpoint, load_model_weights, unwrap
+from medgain.tracking.buffered import BufferedClient
+from medgain.tracking.delivery import register_model_version
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -60,7 +60,9 @@ class ModelRegistration:
     version of the registered model with a description (figures, operating point) and tags, points the alias
     ``alias`` at it, tags the run with the version, and writes the provenance (run id, model name and version)
     into the checkpoint so that evaluation runs can link back. A model without an operating point is registered
-    with the tag ``operating_point = none: <reason>``.
+    with the tag ``operating_point = none: <reason>``. With a
+    :class:`~medgain.handlers.buffered_mlflow.BufferedMLFlowHandler` the registration is queued in the run's
+    journal and done (provenance included) when the journal reaches the server, also after an outage.
 
     List it before the trainer's ``MLFlowHandler`` so that it runs before the handler closes the run.
 
@@ -109,47 +111,29 @@ class ModelRegistration:
         if self.registered_model_name is None:
             return
         checkpoint = load_checkpoint(best.checkpoint_path)
-        run = client.get_run(run_id)
         self._log_pytorch_model(run_id, best.checkpoint_path, checkpoint)
-        description = describe_model(checkpoint, run.info.run_name)
-        try:
-            client.create_registered_model(
-                self.registered_model_name, description="medgain classifier; one version per training run."
-            )
-        except MlflowException as err:
-            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-                raise
         point = checkpoint["operating_point"]
         tags = {
             **self.tags,
             "epoch": str(checkpoint["epoch"]),
-            "training_run_id": run_id,
             **{f"operating_point.{k}": str(v) for k, v in point.items() if k != "reason"},
         }
         if point.get("threshold") is None:
             tags["operating_point"] = f"none: {point.get('reason')}"
-        version = client.create_model_version(
-            self.registered_model_name,
-            f"{run.info.artifact_uri}/model",
-            run_id=run_id,
-            tags=tags,
-            description=description,
-        )
-        self.version = str(version.version)
-        client.set_registered_model_alias(self.registered_model_name, self.alias, self.version)
-        client.set_tag(run_id, "registered_model", f"{self.registered_model_name} v{self.version}")
-        checkpoint["provenance"] = {
-            "run_id": run_id,
-            "model_name": self.registered_model_name,
-            "model_version": self.version,
-        }
-        atomic_write(best.checkpoint_path, lambda f: torch.save(checkpoint, f))
-        logger.info(
-            "registered %s version %s (alias %r) from epoch %s",
-            self.registered_model_name,
-            self.version,
-            self.alias,
-            checkpoint["epoch"],
+        if isinstance(client, BufferedClient):  # registered when the journal reaches the server
+            description = describe_model(checkpoint, self.mlflow_handler.cur_run.info.run_name)
+            client.register_model(
+                run_id, self.registered_model_name, self.alias, tags, description, best.checkpoint_path
+            )
+            logger.info(
+                "registration of %s (epoch %s) queued with the run's tracking records",
+                self.registered_model_name,
+                checkpoint["epoch"],
+            )
+            return
+        description = describe_model(checkpoint, client.get_run(run_id).info.run_name)
+        self.version = register_model_version(
+            client, run_id, self.registered_model_name, self.alias, tags, description, best.checkpoint_path
         )
 
     def _log_pytorch_model(self, run_id: str, path: Path, checkpoint: dict[str, Any]) -> None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from medgain.data.phi import frame_ref
 from medgain.handlers.utils import attach_once, batch_has, class_indices, log_artifact, require_keys, sample_ids
 from medgain.metrics.scores import positive_score, score_to_probability, stack_output
 from medgain.model_file import decision_threshold, load_operating_point
@@ -34,7 +36,8 @@ class PredictionCSVWriter:
     point of ``checkpoint`` (read when the engine starts). A checkpoint without an operating point gets no
     decisions: the column is left empty and the refusal is logged as an error (scores and probabilities are
     still written). Rows are buffered and written at ``Events.COMPLETED``, then logged to MLflow when a handler
-    is given.
+    is given. What reaches MLflow names no file: the logged copy has a ``ref`` column (the salted pseudonym of
+    the frame, :func:`medgain.data.phi.frame_ref`) instead of ``file``; the local file keeps the paths.
 
     Args:
         output_dir: folder of the CSV file; created when missing.
@@ -111,15 +114,24 @@ class PredictionCSVWriter:
             self.rows.append((path, frame, score, decision, label))
 
     def write(self, engine: Engine | None = None) -> None:
-        """Write (and log) the CSV file."""
-        with_labels = any(row[4] is not None for row in self.rows)
+        """Write the CSV file and log its pseudonymised copy."""
         self.output_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.output_path, "w", newline="") as f:
+        self._write_csv(self.output_path, pseudonymise=False)
+        if self.mlflow_handler is None:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            logged = Path(tmp) / self.output_path.name
+            self._write_csv(logged, pseudonymise=True)
+            log_artifact(self.mlflow_handler, logged, None)
+
+    def _write_csv(self, path: Path, pseudonymise: bool) -> None:
+        with_labels = any(row[4] is not None for row in self.rows)
+        with open(path, "w", newline="") as f:
             writer = csv.writer(f)
-            header = ["file", "frame", "score", "probability", "decision"] + (["label"] if with_labels else [])
-            writer.writerow(header)
-            for path, frame, score, decision, label in self.rows:
-                row = [path, frame, repr(score), f"{float(score_to_probability(score)):.6g}"]
+            header = ["ref" if pseudonymise else "file", "frame", "score", "probability", "decision"]
+            writer.writerow(header + (["label"] if with_labels else []))
+            for path_, frame, score, decision, label in self.rows:
+                name = frame_ref(path_, frame) if pseudonymise else path_
+                row = [name, frame, repr(score), f"{float(score_to_probability(score)):.6g}"]
                 row.append("" if decision is None else decision)
                 writer.writerow(row + (["" if label is None else label] if with_labels else []))
-        log_artifact(self.mlflow_handler, self.output_path, None)

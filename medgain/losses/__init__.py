@@ -1,5 +1,6 @@
-"""medgain.losses: GAIN loss terms and the recurrent-glimpse classification, rank and location losses."""
+"""medgain.losses: GAIN loss terms and the recurrent-glimpse classification, rank, step and location losses."""
 
+from medgain.losses.focal import LogOddsFocalLoss
 from medgain.losses.gain import (
     BinaryFocalLoss,
     attention_area_loss,
@@ -14,12 +15,14 @@ from medgain.losses.glimpse import (
     glimpse_classification_loss,
     glimpse_mask_fraction,
     glimpse_rank_loss,
+    glimpse_step_loss,
     location_loss,
 )
 
 __all__ = [
     "BinaryFocalLoss",
     "GlimpseLoss",
+    "LogOddsFocalLoss",
     "area_location_loss",
     "attention_area_loss",
     "attention_mining_loss",
@@ -28,6 +31,7 @@ __all__ = [
     "glimpse_classification_loss",
     "glimpse_mask_fraction",
     "glimpse_rank_loss",
+    "glimpse_step_loss",
     "location_loss",
     "target_probability",
 ]

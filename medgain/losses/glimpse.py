@@ -22,6 +22,7 @@ __all__ = [
     "glimpse_classification_loss",
     "glimpse_mask_fraction",
     "glimpse_rank_loss",
+    "glimpse_step_loss",
     "location_loss",
 ]
 
@@ -142,12 +143,29 @@ def glimpse_rank_loss(glimpse_logits: torch.Tensor, labels: torch.Tensor, margin
     return F.relu(p[:, :-1] - p[:, 1:] + margin).mean()
 
 
+def glimpse_step_loss(centers: torch.Tensor, min_step: float) -> torch.Tensor:
+    """Inhibition of return: mean over samples and steps of ``relu(min_step - d_t)``, ``d_t`` the distance
+    between the centres of glimpses ``t - 1`` and ``t`` as a fraction of the image side.
+
+    The location loss alone lets every glimpse after the first settle on the same tumour spot; this term makes each
+    glimpse look somewhere new (on the tumour, when combined with the location loss).
+
+    Args:
+        centers: (B, G, 2) glimpse centres (x, y) in [-1, 1] (a side spans 2).
+        min_step: smallest step, as a fraction of the side, that costs nothing.
+    """
+    if centers.shape[1] < 2:
+        return centers.new_zeros(())
+    steps = (centers[:, 1:] - centers[:, :-1]).pow(2).sum(-1).add(1e-12).sqrt() / 2.0
+    return F.relu(min_step - steps).mean()
+
+
 class GlimpseLoss(nn.Module):
     """Total loss of :class:`~medgain.networks.RecurrentGlimpseNetwork`.
 
     ``loss = CE(aggregate) + per_glimpse_weight * CE(per glimpse) + rank_weight * rank
-    + location_weight * location_decay ** epoch * location``, the location term counting only tumour images
-    (label != 0) that carry a non-empty mask.
+    + location_weight * location_decay ** epoch * location + step_weight * step``, the location term counting only
+    tumour images (label != 0) that carry a non-empty mask, the step term (:func:`glimpse_step_loss`) every image.
 
     Args:
         per_glimpse_weight: weight of the per-glimpse cross entropy.
@@ -157,9 +175,12 @@ class GlimpseLoss(nn.Module):
         location_decay: per-epoch factor of the location weight (1 = constant, the default).
         rank_margin: margin of the rank loss.
         eps: floor of the area term's logarithm.
+        step_weight: weight of :func:`glimpse_step_loss` (0 = off).
+        min_step: smallest free step between successive glimpse centres, as a fraction of the image side.
 
     Raises:
-        ValueError: on negative weights, ``alpha`` outside [0, 1] or ``location_decay`` outside (0, 1].
+        ValueError: on negative weights, ``alpha`` outside [0, 1], ``location_decay`` outside (0, 1] or
+            ``min_step`` outside [0, 1].
     """
 
     def __init__(
@@ -171,13 +192,17 @@ class GlimpseLoss(nn.Module):
         location_decay: float = 1.0,
         rank_margin: float = 0.0,
         eps: float = 1e-4,
+        step_weight: float = 0.0,
+        min_step: float = 0.15,
     ) -> None:
         super().__init__()
-        if min(per_glimpse_weight, rank_weight, location_weight) < 0:
+        if min(per_glimpse_weight, rank_weight, location_weight, step_weight) < 0:
             raise ValueError(
                 f"loss weights must be >= 0, got per_glimpse_weight={per_glimpse_weight}, "
-                f"rank_weight={rank_weight}, location_weight={location_weight}"
+                f"rank_weight={rank_weight}, location_weight={location_weight}, step_weight={step_weight}"
             )
+        if not 0.0 <= min_step <= 1.0:
+            raise ValueError(f"min_step must be in [0, 1] (a fraction of the image side), got {min_step}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if not 0.0 < location_decay <= 1.0:
@@ -189,6 +214,8 @@ class GlimpseLoss(nn.Module):
         self.location_decay = float(location_decay)
         self.rank_margin = float(rank_margin)
         self.eps = float(eps)
+        self.step_weight = float(step_weight)
+        self.min_step = float(min_step)
 
     def location_scale(self, epoch: int) -> float:
         """Weight of the location term at ``epoch`` (0-based)."""
@@ -202,7 +229,7 @@ class GlimpseLoss(nn.Module):
         has_mask: torch.Tensor | None = None,
         epoch: int = 0,
     ) -> dict[str, torch.Tensor]:
-        """Loss terms ``{"loss", "classification", "per_glimpse", "rank", "location", "area", "distance"}``.
+        """Loss terms ``{"loss", "classification", "per_glimpse", "rank", "step", "location", "area", "distance"}``.
 
         Args:
             output: the network output.
@@ -216,6 +243,7 @@ class GlimpseLoss(nn.Module):
             "classification": glimpse_classification_loss(output.logits, labels),
             "per_glimpse": glimpse_classification_loss(output.glimpse_logits, labels),
             "rank": glimpse_rank_loss(output.glimpse_logits, labels, self.rank_margin),
+            "step": glimpse_step_loss(output.centers, self.min_step),
         }
         zero = output.logits.new_zeros(())
         weight = self.location_scale(epoch)
@@ -231,6 +259,7 @@ class GlimpseLoss(nn.Module):
             terms["classification"]
             + self.per_glimpse_weight * terms["per_glimpse"]
             + self.rank_weight * terms["rank"]
+            + self.step_weight * terms["step"]
             + weight * terms["location"]
         )
         return terms

@@ -1,6 +1,6 @@
 """medgain.metrics: classification scores, TPR at a low false-alarm rate and attention localisation."""
 
-from medgain.metrics.bootstrap import auc_score, bootstrap_auc, oof_auc_summary
+from medgain.metrics.bootstrap import auc_score, bootstrap_auc, oof_auc_summary, weighted_auc
 from medgain.metrics.froc import CAMELYON_FP_RATES, FROCResult, froc, lesion_regions, slide_auc
 from medgain.metrics.localization import (
     AttentionInMaskMetric,
@@ -37,6 +37,7 @@ __all__ = [
     "auc_score",
     "bootstrap_auc",
     "oof_auc_summary",
+    "weighted_auc",
     "AttentionInMaskMetric",
     "AttentionIoUMetric",
     "TPRAtFPRMetric",

@@ -11,12 +11,20 @@ import torch
 
 from medgain.metrics.roc import checked_scores
 
-__all__ = ["auc_score", "bootstrap_auc", "oof_auc_summary"]
+__all__ = ["auc_score", "bootstrap_auc", "oof_auc_summary", "weighted_auc"]
 
 
-def _weighted_auc(inverse: np.ndarray, y: np.ndarray, weights: np.ndarray, n_values: int) -> float:
-    """AUC of samples with integer score ranks ``inverse`` (ties share a rank) and sample weights; NaN when a
-    class has zero weight. A tied positive-negative pair counts one half."""
+def weighted_auc(inverse: np.ndarray, y: np.ndarray, weights: np.ndarray, n_values: int) -> float:
+    """AUC of samples with integer score ranks ``inverse`` (ties share a rank, ``np.unique(..., return_inverse=True)``)
+    and sample weights (bootstrap counts); NaN when a class has zero weight. A tied positive-negative pair counts
+    one half.
+
+    Args:
+        inverse: (N,) rank of each sample's score among the ``n_values`` distinct scores, ascending.
+        y: (N,) 0/1 labels as floats.
+        weights: (N,) non-negative sample weights.
+        n_values: number of distinct scores.
+    """
     pos = np.bincount(inverse, weights=weights * y, minlength=n_values)
     neg = np.bincount(inverse, weights=weights * (1.0 - y), minlength=n_values)
     n_pos, n_neg = pos.sum(), neg.sum()
@@ -43,7 +51,7 @@ def auc_score(
     """
     s, y = checked_scores(scores, labels, "auc_score")
     values, inverse = np.unique(s, return_inverse=True)
-    return _weighted_auc(inverse, y, np.ones_like(y), values.size)
+    return weighted_auc(inverse, y, np.ones_like(y), values.size)
 
 
 def bootstrap_auc(
@@ -94,13 +102,13 @@ def bootstrap_auc(
     done = 0
     while done < n_bootstrap:
         draws = np.bincount(rng.integers(0, n_clusters, n_clusters), minlength=n_clusters).astype(np.float64)
-        value = _weighted_auc(inverse, y, draws[cluster], values.size)
+        value = weighted_auc(inverse, y, draws[cluster], values.size)
         if not math.isnan(value):
             estimates[done] = value
             done += 1
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(estimates, [alpha, 1.0 - alpha])
-    return _weighted_auc(inverse, y, np.ones_like(y), values.size), float(low), float(high)
+    return weighted_auc(inverse, y, np.ones_like(y), values.size), float(low), float(high)
 
 
 def oof_auc_summary(

@@ -3,6 +3,7 @@
 from medgain.networks.chipnet import ChipNet
 from medgain.networks.classifiers import IMAGENET_NORMALIZATION, TARGET_LAYERS, build_classifier, default_normalization
 from medgain.networks.fusion import FusionClassifier, backbone_features
+from medgain.networks.param_groups import backbone_head_param_groups
 from medgain.networks.glimpse import (
     GlimpseOutput,
     RecurrentGlimpseNetwork,
@@ -16,6 +17,7 @@ __all__ = [
     "ChipNet",
     "FusionClassifier",
     "backbone_features",
+    "backbone_head_param_groups",
     "IMAGENET_NORMALIZATION",
     "default_normalization",
     "TARGET_LAYERS",

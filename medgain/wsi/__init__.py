@@ -2,6 +2,15 @@
 augmentation and slide inference."""
 
 from medgain.wsi.annotations import EXCLUSION_GROUPS, Annotation, AnnotationError, read_annotations, tumour_mask
+from medgain.wsi.dataset import (
+    SLIDE_SUFFIXES,
+    SPLITS,
+    make_patch_dataset,
+    patch_datalist,
+    scan_slides,
+    split_slides,
+    split_slides_table,
+)
 from medgain.wsi.evaluate import evaluate_inference, read_slide_labels
 from medgain.wsi.inference import (
     LESION_COLUMNS,
@@ -12,6 +21,7 @@ from medgain.wsi.inference import (
     write_slide_outputs,
 )
 from medgain.wsi.patch_mask import LesionPatchMaskd
+from medgain.wsi.patch_meta import PatchIdd
 from medgain.wsi.patches import (
     PATCH_COLUMNS,
     balance_patches,
@@ -30,11 +40,14 @@ __all__ = [
     "EXCLUSION_GROUPS",
     "LESION_COLUMNS",
     "PATCH_COLUMNS",
+    "SLIDE_SUFFIXES",
+    "SPLITS",
     "TISSUE_DOWNSAMPLE",
     "WSI_BACKENDS",
     "Annotation",
     "AnnotationError",
     "LesionPatchMaskd",
+    "PatchIdd",
     "RandHEDJitterd",
     "Slide",
     "SlideError",
@@ -48,13 +61,18 @@ __all__ = [
     "grid_locations",
     "patch_items",
     "hed_jitter",
+    "make_patch_dataset",
+    "patch_datalist",
     "patch_table",
     "read_annotations",
     "read_patch_table",
     "read_slide_labels",
     "run_inference",
+    "scan_slides",
     "slide_tissue_mask",
     "slides_patch_table",
+    "split_slides",
+    "split_slides_table",
     "tissue_mask",
     "tumour_mask",
     "wsi_reader",

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from medgain.metrics import CAMELYON_FP_RATES, froc, slide_auc
+from medgain.metrics import CAMELYON_FP_RATES, froc, lesion_regions, slide_auc
 from medgain.wsi.annotations import read_annotations, tumour_mask
 
 __all__ = ["evaluate_inference", "read_slide_labels"]
@@ -74,7 +74,7 @@ def evaluate_inference(
     Returns:
         ``slide_auc``, ``froc``, ``froc_sensitivity_at_<rate>`` for each rate, ``n_slides``, ``n_missing``,
         ``n_tumours`` (countable lesions), ``n_froc_slides``; FROC entries NaN when no slide has an annotated
-        tumour that counts.
+        tumour that counts (all tumour-free or isolated tumour cells).
 
     Raises:
         ValueError: when an annotated tumour slide has no microns per pixel (FROC needs it).
@@ -121,7 +121,11 @@ def evaluate_inference(
         "n_froc_slides": float(len(dets)),
     }
     nan_froc = {"froc": math.nan, "n_tumours": 0.0, **{f"froc_sensitivity_at_{r:g}": math.nan for r in fp_rates}}
-    if not any(m is not None and m.any() for m in masks):
+    countable = any(
+        m is not None and m.any() and not lesion_regions(m, mpp * mask_downsample, dilation_um, itc_um)[1][1:].all()
+        for m, mpp in zip(masks, mpps)
+    )
+    if not countable:  # no tumour slide, or only isolated tumour cells
         return {**result, **nan_froc}
     res = froc(
         dets, masks, mpps, mask_downsample, fp_rates=fp_rates, dilation_um=dilation_um, itc_um=itc_um, slide_ids=names

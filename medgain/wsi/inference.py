@@ -392,7 +392,7 @@ def write_slide_outputs(
 ) -> Path:
     """Write a slide's outputs into ``folder``: ``probability.npy``, ``log_odds.npy``, ``attention.npy``,
     ``lesions.csv``, ``slide.json`` (score, geometry) and, given ``(thumbnail (3, h, w), downsample)``,
-    ``probability_overlay.png`` and ``attention_overlay.png``."""
+    ``thumbnail.png``, ``probability_overlay.png`` and ``attention_overlay.png``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "probability.npy", maps.probability)
@@ -404,6 +404,7 @@ def write_slide_outputs(
         writer.writerows(maps.lesions)
     if thumbnail is not None:
         image, thumb_d = thumbnail
+        Image.fromarray(np.ascontiguousarray(np.moveaxis(image, 0, -1))).save(folder / "thumbnail.png")
         m = maps.meta
         _overlay(
             image,

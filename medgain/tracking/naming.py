@@ -32,7 +32,7 @@ def medgain_commit() -> str:
     when medgain is installed without its git history."""
     from medgain import __version__
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10

@@ -1,0 +1,145 @@
+"""Slide-level evaluation at the end of a patch evaluation: slide inference, slide AUC and FROC, review images."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medgain.handlers.utils import attach_once, log_artifact
+from medgain.metrics import CAMELYON_FP_RATES
+from medgain.wsi.evaluate import evaluate_inference
+from medgain.wsi.inference import SlideInferer, collect_slide_scores, run_inference
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+    from monai.handlers import MLFlowHandler
+
+__all__ = ["SlideEvaluation"]
+
+logger = logging.getLogger(__name__)
+
+_REVIEW_FILES = ("thumbnail.png", "probability_overlay.png", "attention_overlay.png", "lesions.csv")
+
+
+class SlideEvaluation:
+    """At ``Events.COMPLETED`` of an evaluator: runs the evaluated network over whole slides and scores them.
+
+    Every slide goes through ``inferer`` (:class:`~medgain.wsi.SlideInferer`, built on the evaluator's network)
+    into ``output_dir/<slide id>/`` with :func:`~medgain.wsi.run_inference` (failed slides are rows of
+    ``output_dir/errors.csv``); ``output_dir/slides.csv`` lists the slide scores. The folder is emptied first,
+    so that no output of an earlier model is counted, unless ``resume`` (finished slides are then kept). Slide
+    AUC and Camelyon16 FROC (:func:`~medgain.wsi.evaluate_inference`) are added to ``engine.state.metrics`` as
+    ``<prefix>slide_auc``, ``<prefix>froc``, ``<prefix>froc_sensitivity_at_<rate>``, ``<prefix>n_slides``,
+    ``<prefix>n_missing`` (failed slides), ``<prefix>n_tumours`` and ``<prefix>n_froc_slides``; attach
+    :class:`~medgain.handlers.MetricsJSONWriter` after this handler to write and log them. What a figure cannot
+    mean (no countable tumour, failed slides) goes into ``engine.state.metric_notes``. With an MLflow handler,
+    ``slides.csv``, ``errors.csv`` and each slide's thumbnail, probability and attention overlays and lesions
+    are logged under ``artifact_path/<slide id>/``.
+
+    Args:
+        slides: rows with ``slide`` (id), ``image`` (path), ``label`` (0/1) and ``annotation`` (path or ""), e.g.
+            :func:`medgain.wsi.split_slides_table`.
+        inferer: the configured slide inferer (its network is the evaluated one).
+        output_dir: folder of the slide outputs.
+        mlflow_handler: the MONAI ``MLFlowHandler`` owning the run, or None to only write files.
+        prefix: prepended to the metric names.
+        artifact_path: MLflow artifact folder.
+        thumbnail_downsample: downsample of the level the overlays are drawn on.
+        mask_downsample: level-0 pixels per pixel of the rasterised tumour masks (FROC).
+        fp_rates: false positives per slide at which FROC averages the sensitivity.
+        dilation_um: tumours are dilated by this many microns (Camelyon16: 75).
+        itc_um: tumours shorter than this (isolated tumour cells) are neither hits nor false positives.
+        resume: keep the finished slides of an interrupted evaluation of the same model.
+    """
+
+    def __init__(
+        self,
+        slides: Sequence[Mapping[str, Any]],
+        inferer: SlideInferer,
+        output_dir: str,
+        mlflow_handler: MLFlowHandler | None = None,
+        prefix: str = "test_",
+        artifact_path: str = "slides",
+        thumbnail_downsample: float = 32.0,
+        mask_downsample: float = 16.0,
+        fp_rates: Sequence[float] = CAMELYON_FP_RATES,
+        dilation_um: float = 75.0,
+        itc_um: float = 200.0,
+        resume: bool = False,
+    ) -> None:
+        missing = [i for i, s in enumerate(slides) if not {"slide", "image", "label"} <= set(s)]
+        if missing:
+            raise ValueError(f"SlideEvaluation: slides {missing} lack 'slide', 'image' or 'label'")
+        if not slides:
+            raise ValueError("SlideEvaluation: no slides to evaluate")
+        self.slides = [dict(s) for s in slides]
+        self.inferer = inferer
+        self.output_dir = Path(output_dir)
+        self.mlflow_handler = mlflow_handler
+        self.prefix = prefix
+        self.artifact_path = artifact_path
+        self.thumbnail_downsample = float(thumbnail_downsample)
+        self.mask_downsample = float(mask_downsample)
+        self.fp_rates = tuple(float(r) for r in fp_rates)
+        self.dilation_um = float(dilation_um)
+        self.itc_um = float(itc_um)
+        self.resume = bool(resume)
+        self.metrics: dict[str, float] = {}
+
+    def attach(self, engine: Engine) -> None:
+        """Evaluate the slides when ``engine`` completes."""
+        from ignite.engine import Events
+
+        attach_once(engine, [(Events.COMPLETED, self)])
+
+    def __call__(self, engine: Engine) -> None:
+        """Infer the slides, compute the slide metrics and log the review files."""
+        if not self.resume and self.output_dir.exists():
+            shutil.rmtree(self.output_dir)
+        summary = run_inference(
+            [s["image"] for s in self.slides],
+            self.output_dir,
+            self.inferer,
+            thumbnail_downsample=self.thumbnail_downsample,
+        )
+        records = collect_slide_scores(self.output_dir)
+        result = evaluate_inference(
+            self.output_dir,
+            self.slides,
+            mask_downsample=self.mask_downsample,
+            fp_rates=self.fp_rates,
+            dilation_um=self.dilation_um,
+            itc_um=self.itc_um,
+        )
+        self.metrics = {f"{self.prefix}{name}": float(value) for name, value in result.items()}
+        engine.state.metrics.update(self.metrics)
+        notes = dict(getattr(engine.state, "metric_notes", None) or {})
+        if math.isnan(result["froc"]):
+            notes[f"{self.prefix}froc"] = "no annotated tumour (above the ITC size) among the evaluated slides"
+        if summary["failed"]:
+            notes[f"{self.prefix}n_missing"] = (
+                f"{len(summary['failed'])} slides failed ({', '.join(summary['failed'])}); see "
+                f"{self.output_dir / 'errors.csv'}"
+            )
+        engine.state.metric_notes = notes
+        logger.info(
+            "slides: %d evaluated, %d failed; slide AUC %.4f, FROC %.4f",
+            len(records),
+            len(summary["failed"]),
+            result["slide_auc"],
+            result["froc"],
+        )
+        if self.mlflow_handler is None:
+            return
+        for name in ("slides.csv", "errors.csv"):
+            if (self.output_dir / name).is_file():
+                log_artifact(self.mlflow_handler, self.output_dir / name, self.artifact_path)
+        for record in records:
+            folder = self.output_dir / record["slide"]
+            for name in _REVIEW_FILES:
+                if (folder / name).is_file():
+                    log_artifact(self.mlflow_handler, folder / name, f"{self.artifact_path}/{record['slide']}")

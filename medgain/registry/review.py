@@ -1,0 +1,367 @@
+"""``medgain review``: evaluate one registered model version on a data split through its bundle's own
+evaluate config, and write the reviewer's report (HTML, self-contained) and figures (``review.json``), logged on
+the version's run and linked from the version.
+
+A version is reviewable when its run holds ``checkpoint/model.pt`` (written by
+:class:`medgain.handlers.BestModelSaver`) and its ``bundle`` tag names a bundle folder whose
+``configs/{train,evaluate}.yaml`` define ``validate#evaluator`` (a Grad-CAM evaluator), ``checkpoint``,
+``split``, ``tracking_uri`` and the data values of its layout (:mod:`medgain.registry.layouts`: a datalist JSON,
+a whole-slide data set folder); the capsule bundle is the template.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from medgain.metrics import fpr_budget_note, score_to_probability
+from medgain.model_file import load_checkpoint
+from medgain.registry.figures import (
+    RecordArrays,
+    bootstrap_figures,
+    calibration,
+    compare_figures,
+    confusion,
+    operating_table,
+    subgroup_figures,
+)
+from medgain.registry.layouts import DataLayout, data_layout
+from medgain.registry.records import FrameRecordWriter
+from medgain.registry.report import render_report
+
+__all__ = [
+    "REVIEW_ARTIFACTS",
+    "bundle_folder",
+    "evaluate_checkpoint",
+    "fetch_checkpoint",
+    "model_card",
+    "registry_client",
+    "resolve_version",
+    "review_model",
+    "sha256_file",
+]
+
+#: artifact folder of a version's review on its run (``review/v<version>/report.html``, ``review.json``)
+REVIEW_ARTIFACTS = "review/v{version}"
+_REPO_BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
+
+
+def registry_client(tracking_uri: str | None = None) -> MlflowClient:
+    """An MLflow client on ``tracking_uri``, else on ``MLFLOW_TRACKING_URI``.
+
+    Raises:
+        ValueError: when neither is given.
+    """
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ValueError("no tracking server: give --tracking-uri or set MLFLOW_TRACKING_URI")
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def resolve_version(client: MlflowClient, name: str, version: str | None = None, alias: str | None = None) -> ModelVersion:
+    """The model version ``name`` ``version`` (or the one holding ``alias``), with errors naming what is missing."""
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, str(version))
+    except MlflowException as err:
+        what = f"alias {alias!r}" if alias is not None else f"version {version}"
+        raise ValueError(f"registered model {name!r} has no {what} ({err.message})") from err
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bundle_folder(name: str, bundles_dir: str | os.PathLike | None = None) -> Path:
+    """The folder of bundle ``name``: under ``bundles_dir``, ``MEDGAIN_BUNDLES`` or the repository's bundles/.
+
+    Raises:
+        FileNotFoundError: when it has no ``configs/metadata.json``.
+    """
+    root = Path(bundles_dir or os.environ.get("MEDGAIN_BUNDLES") or _REPO_BUNDLES)
+    folder = root / name
+    if not (folder / "configs" / "metadata.json").is_file():
+        raise FileNotFoundError(f"{folder}: bundle {name!r} not found (no configs/metadata.json); give --bundles-dir")
+    return folder
+
+
+def fetch_checkpoint(client: MlflowClient, version: ModelVersion, dest: str | os.PathLike) -> Path:
+    """Download the version's model file (``checkpoint/model.pt`` of its run) into ``dest``."""
+    try:
+        path = client.download_artifacts(version.run_id, "checkpoint/model.pt", str(dest))
+    except (MlflowException, OSError) as err:
+        raise ValueError(
+            f"{version.name} version {version.version}: its run {version.run_id} holds no checkpoint/model.pt ({err})"
+        ) from err
+    return Path(path)
+
+
+def evaluate_checkpoint(
+    bundle: Path,
+    checkpoint: Path,
+    layout: DataLayout,
+    split: str,
+    tracking_uri: str,
+    out_dir: Path,
+    gallery_size: int = 8,
+    evaluator_id: str = "validate#evaluator",
+    overrides: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Run the bundle's evaluate config on ``checkpoint`` (in this process, tracked on ``tracking_uri``) with a
+    :class:`~medgain.registry.records.FrameRecordWriter` on its evaluator; returns the per-frame records.
+
+    Args:
+        layout: the data, given to the workflow as its layout's config values.
+    """
+    from monai.bundle import create_workflow
+
+    configs = [str(bundle / "configs" / name) for name in ("train.yaml", "evaluate.yaml")]
+    workflow = create_workflow(
+        config_file=configs,
+        meta_file=str(bundle / "configs" / "metadata.json"),
+        run_id="evaluate",
+        bundle_root=str(out_dir / "root"),
+        checkpoint=str(checkpoint),
+        split=split,
+        tracking_uri=tracking_uri,
+        num_workers=0,
+        **{**layout.workflow_args(), **dict(overrides or {})},
+    )
+    layout.configure(workflow.parser)
+    FrameRecordWriter(str(out_dir), str(checkpoint), gallery_size).attach(workflow.parser.get_parsed_content(evaluator_id))
+    workflow.run()
+    workflow.finalize()
+    with open(out_dir / "records.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key in ("iou", "attention_in_mask"):
+            row[key] = float(row[key]) if row[key] else None
+    return rows
+
+
+def model_card(
+    client: MlflowClient, version: ModelVersion, checkpoint: Mapping[str, Any], bundle: Path, layout: DataLayout
+) -> dict[str, Any]:
+    """What the version is: bundle, network, input, operating point, training data and parameters, commit."""
+    run = client.get_run(version.run_id)
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    spec, point = checkpoint.get("model_spec", {}), checkpoint.get("operating_point", {})
+    trained_on = version.tags.get("data_hash") or run.data.tags.get("data_hash", "unknown")
+    params = {k: v for k, v in run.data.params.items() if k != "dataset_dir"}
+    card: dict[str, Any] = {
+        "model": version.name,
+        "version": str(version.version),
+        "bundle": bundle.name,
+        "task": meta.get("task", ""),
+        "intended_use": meta.get("intended_use", ""),
+        "network": spec.get("network"),
+        "input_size": "x".join(map(str, spec.get("image_size", []))),
+        "normalization": spec.get("normalization"),
+        "class_names": spec.get("class_names"),
+        "grad_cam_layer": spec.get("target_layer"),
+        "operating_point": "none: " + str(point.get("reason")) if point.get("threshold") is None else
+        f"ill when log-odds >= {point['threshold']:.6g} (p >= {point.get('probability', float('nan')):.6g}), "
+        f"chosen on validation for FPR <= {point.get('max_fpr')}",
+        "best_epoch": checkpoint.get("epoch"),
+        "training_run": f"{run.info.run_name} ({version.run_id})",
+        "training_data_hash": trained_on,
+        "medgain_commit": run.data.tags.get("medgain_commit", "unknown"),
+    }
+    if layout.identity() == trained_on:
+        card.update(layout.training_summary(params))
+    else:
+        card["training_data"] = "the reviewed data is not the training data (hash differs): counts unknown"
+    card["training_params"] = params
+    return card
+
+
+def _decisions(a: RecordArrays, threshold: float | None) -> list[int]:
+    return [int(s >= (0.0 if threshold is None else threshold)) for s in a.score]
+
+
+def _disagreements(cand: RecordArrays, champ: RecordArrays, thresholds: tuple[float | None, float | None],
+                   limit: int = 50) -> tuple[int, list[dict[str, Any]]]:
+    champ = champ.reordered(cand.refs)
+    da, db = _decisions(cand, thresholds[0]), _decisions(champ, thresholds[1])
+    rows = []
+    for i, (a, b) in enumerate(zip(da, db)):
+        if a != b:
+            pa, pb = float(score_to_probability(cand.score[i])), float(score_to_probability(champ.score[i]))
+            rows.append({"ref": cand.refs[i], "label": int(cand.label[i]), "candidate_probability": pa,
+                         "candidate_decision": a, "champion_probability": pb, "champion_decision": b})
+    rows.sort(key=lambda r: -abs(r["candidate_probability"] - r["champion_probability"]))
+    return len(rows), rows[:limit]
+
+
+def _threshold(checkpoint: Mapping[str, Any]) -> float | None:
+    value = checkpoint.get("operating_point", {}).get("threshold")
+    return None if value is None or not math.isfinite(float(value)) else float(value)
+
+
+def _log_review(client: MlflowClient, version: ModelVersion, out_dir: Path, review: Mapping[str, Any]) -> str:
+    folder = REVIEW_ARTIFACTS.format(version=version.version)
+    client.log_artifact(version.run_id, str(out_dir / "report.html"), folder)
+    client.log_artifact(version.run_id, str(out_dir / "review.json"), folder)
+    link = f"runs:/{version.run_id}/{folder}/report.html"
+    tags = {
+        "review.report": link,
+        "review.sha256": sha256_file(out_dir / "review.json"),
+        "review.split": review["split"],
+        "review.data_hash": review["data_hash"],
+        "review.time": review["time"],
+        "review.against": "" if not review.get("comparison") else str(review["comparison"]["version"]),
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(version.name, version.version, key, value)
+    lines = [line for line in (version.description or "").splitlines() if not line.startswith("Review: ")]
+    lines.append(f"Review: {link} ({review['split']} split of data {review['data_hash']}, {review['time']})")
+    client.update_model_version(version.name, version.version, description="\n".join(lines))
+    return link
+
+
+def review_model(
+    name: str,
+    version: str,
+    data: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    split: str = "test",
+    against: str | None = None,
+    tracking_uri: str | None = None,
+    n_bootstrap: int = 1000,
+    gallery_size: int = 8,
+    bundles_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Review model ``name`` ``version`` on ``split`` of ``data``; writes ``out_dir/report.html`` and
+    ``out_dir/review.json``, logs them on the version's run (``review/v<version>/``), tags the version
+    (``review.*``) and links the report from its description.
+
+    Args:
+        name: registered model name.
+        version: its version number.
+        data: the data in its bundle's layout (:func:`~medgain.registry.layouts.data_layout`): a MONAI datalist
+            JSON (paths relative to its folder) or a whole-slide data set folder (``medgain wsi patches``).
+        out_dir: output folder (the report, figures and per-model evaluation folders).
+        split: data split evaluated.
+        against: alias of the model compared with (e.g. ``champion``), evaluated on the same frames.
+        tracking_uri: MLflow tracking / registry URI (default ``MLFLOW_TRACKING_URI``).
+        n_bootstrap: bootstrap resamples of the confidence intervals.
+        gallery_size: frames per gallery category.
+        bundles_dir: folder holding the bundle folders (default: the repository's ``bundles/``).
+        seed: bootstrap seed.
+        overrides: further bundle config values for the evaluation (e.g. ``{"batch_size": 8}``).
+
+    Returns:
+        the review dict written to ``review.json``.
+    """
+    client = registry_client(tracking_uri)
+    uri = client.tracking_uri
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    layout = data_layout(data)
+    target = resolve_version(client, name, version)
+    bundle_name = target.tags.get("bundle") or client.get_run(target.run_id).data.tags.get("bundle")
+    if not bundle_name:
+        raise ValueError(f"{name} version {version}: no 'bundle' tag on the version or its run; cannot evaluate it")
+    bundle = bundle_folder(bundle_name, bundles_dir)
+    evaluated: dict[str, tuple[ModelVersion, dict[str, Any], RecordArrays, Path]] = {}
+    fields: dict[str, list[Any]] = {}
+    champion = None
+    if against is not None:
+        try:
+            champion = resolve_version(client, name, alias=against)
+        except ValueError:
+            champion = None
+    notes = {}
+    if against is not None and champion is None:
+        notes["comparison"] = f"no version of {name} holds alias {against!r} yet: nothing to compare with"
+    if champion is not None and str(champion.version) == str(target.version):
+        notes["comparison"] = f"version {version} already holds alias {against!r}: nothing to compare with"
+        champion = None
+    for role, mv in [("candidate", target)] + ([("champion", champion)] if champion is not None else []):
+        folder = out / role
+        with tempfile.TemporaryDirectory() as tmp:
+            path = fetch_checkpoint(client, mv, tmp)
+            local = folder / "model.pt"
+            folder.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(path.read_bytes())
+        rows = evaluate_checkpoint(bundle, local, layout, split, uri, folder, gallery_size, overrides=overrides)
+        fields = layout.join(rows, split)
+        evaluated[role] = (mv, load_checkpoint(local), RecordArrays(rows), local)
+    _, checkpoint, records, local = evaluated["candidate"]
+    threshold = _threshold(checkpoint)
+    frames_per_study = None
+    if records.groups is not None:
+        negatives = (records.label == 0).sum()
+        frames_per_study = float(negatives / len(set(records.groups)))
+    figures = bootstrap_figures(records, threshold, n_bootstrap, seed=seed)
+    n_neg = int((records.label == 0).sum())
+    for budget in (0.0005, 0.001):
+        note = fpr_budget_note(n_neg, budget)
+        if note:
+            notes[f"{split}_tpr_at_fpr_{budget:g}"] = note
+    review: dict[str, Any] = {
+        "model": name,
+        "version": str(target.version),
+        "run_id": target.run_id,
+        "checkpoint_sha256": sha256_file(local),
+        "split": split,
+        "data_hash": layout.identity(),
+        "unit": layout.unit,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model_card": model_card(client, target, checkpoint, bundle, layout),
+        "figures": figures,
+        "gate_values": {f"{split}_{k}": v["value"] for k, v in figures.items()},
+        "resampled_by": layout.unit if records.groups is not None else "frame",
+        "n_bootstrap": n_bootstrap,
+        "counts": {"frames": int(records.label.size), "positives": int(records.label.sum())},
+        "notes": notes,
+        "operating_points": operating_table(records, threshold, frames_per_study),
+        "calibration": calibration(records),
+        "confusion": confusion(records, threshold),
+        "subgroups": subgroup_figures(records, fields, threshold),
+        "gallery": json.loads((out / "candidate" / "gallery.json").read_text()),
+        "curves": {f"version {target.version}": {"score": records.score.tolist(), "label": records.label.tolist()}},
+        "curve_points": {},
+        "comparison": None,
+    }
+    if threshold is not None:
+        review["curve_points"][f"version {target.version}"] = [1.0 - figures["specificity"]["value"],
+                                                               figures["sensitivity"]["value"]]
+    if champion is not None:
+        _, champ_ckpt, champ_records, _ = evaluated["champion"]
+        thresholds = (threshold, _threshold(champ_ckpt))
+        n_dis, shown = _disagreements(records, champ_records, thresholds)
+        review["comparison"] = {
+            "alias": against,
+            "version": str(champion.version),
+            "checkpoint_sha256": sha256_file(evaluated["champion"][3]),
+            "figures": compare_figures(records, champ_records, thresholds, n_bootstrap, seed=seed),
+            "n_disagreements": n_dis,
+            "disagreements": shown,
+        }
+        review["curves"][f"{against} (version {champion.version})"] = {
+            "score": champ_records.reordered(records.refs).score.tolist(), "label": records.label.tolist()}
+    (out / "review.json").write_text(json.dumps(review, indent=1, allow_nan=True) + "\n")
+    (out / "report.html").write_text(render_report(review, out))
+    review["report_link"] = _log_review(client, target, out, review)
+    return review

@@ -1,0 +1,439 @@
+"""The study report: per configuration the mean and a 95 % bootstrap CI of each metric over seeds and test
+samples, paired differences against the reference configuration, plots, as Markdown + CSV.
+
+The CI resamples at two levels, as the spread comes from both: runs (seed × data seed) with replacement, then
+each drawn run's test samples with replacement. Metrics that need per-sample values (AUC, sensitivity at the
+locked operating point, TPR at a false-alarm rate) use the run's ``predictions.csv``; attention metrics exist per
+run only (``metrics.json``), so their CI is over runs. Differences are paired: the same runs (seed, data seed)
+and the same test samples are drawn for both configurations.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medgain.metrics import min_negatives, weighted_auc
+from medgain.study.runner import RESULT_FILE
+from medgain.study.spec import RunKey, StudySpec
+
+__all__ = [
+    "MetricDef",
+    "RunData",
+    "bootstrap_mean",
+    "bootstrap_paired_difference",
+    "load_runs",
+    "metric_value",
+    "study_metrics",
+    "write_report",
+]
+
+
+@dataclass
+class RunData:
+    """One finished run: its test predictions and its metrics file.
+
+    Args:
+        key: the run.
+        ids: (N,) sample ids (``file#frame``), in the order of the arrays.
+        scores: (N,) float64 ranking scores (log-odds).
+        labels: (N,) 0/1 ground truth as floats.
+        decisions: (N,) 0/1 decisions at the stored operating point; NaN where the model has none.
+        metrics: the evaluation's ``metrics.json``.
+    """
+
+    key: RunKey
+    ids: list[str]
+    scores: np.ndarray
+    labels: np.ndarray
+    decisions: np.ndarray
+    metrics: dict[str, float]
+
+    def __post_init__(self) -> None:
+        values, self.inverse = np.unique(self.scores, return_inverse=True)
+        self.n_values = values.size
+
+    @property
+    def n_negatives(self) -> int:
+        """Negative test samples."""
+        return int((self.labels == 0).sum())
+
+
+@dataclass(frozen=True)
+class MetricDef:
+    """A study metric: ``value(run, weights)`` with ``weights`` the (N,) bootstrap counts of the run's samples.
+
+    Args:
+        name: column name.
+        value: the metric of a run under sample weights (NaN when undefined).
+        per_sample: whether the samples are resampled (False: a per-run figure, CI over runs only).
+        max_fpr: for TPR at FPR, the budget (the metric is reported only with enough negatives).
+    """
+
+    name: str
+    value: Callable[[RunData, np.ndarray], float]
+    per_sample: bool = True
+    max_fpr: float | None = None
+
+
+def _auc(run: RunData, w: np.ndarray) -> float:
+    return weighted_auc(run.inverse, run.labels, w, run.n_values)
+
+
+def _sensitivity(run: RunData, w: np.ndarray) -> float:
+    positives = (w * run.labels).sum()
+    if positives == 0 or np.isnan(run.decisions).any():
+        return math.nan
+    return float((w * run.labels * run.decisions).sum() / positives)
+
+
+def _tpr_at(max_fpr: float) -> Callable[[RunData, np.ndarray], float]:
+    def value(run: RunData, w: np.ndarray) -> float:
+        pos = np.bincount(run.inverse, weights=w * run.labels, minlength=run.n_values)[::-1]
+        neg = np.bincount(run.inverse, weights=w * (1.0 - run.labels), minlength=run.n_values)[::-1]
+        if pos.sum() == 0 or neg.sum() == 0:
+            return math.nan
+        tpr = np.concatenate([[0.0], np.cumsum(pos) / pos.sum()])  # thresholds from +inf down, ties together
+        fpr = np.concatenate([[0.0], np.cumsum(neg) / neg.sum()])
+        return float(tpr[fpr <= max_fpr + 1e-12].max())
+
+    return value
+
+
+def _run_metric(name: str) -> Callable[[RunData, np.ndarray], float]:
+    def value(run: RunData, w: np.ndarray) -> float:
+        return float(run.metrics.get(name, math.nan))
+
+    return value
+
+
+def study_metrics(split: str = "test") -> list[MetricDef]:
+    """The report's metrics: AUC, sensitivity at the stored operating point, TPR at FPR 0.05 % / 0.1 % (re-tuned
+    on the split: optimistic), attention IoU and attention-in-mask."""
+    return [
+        MetricDef("auc", _auc),
+        MetricDef("sensitivity", _sensitivity),
+        MetricDef("tpr_at_fpr_0.0005", _tpr_at(0.0005), max_fpr=0.0005),
+        MetricDef("tpr_at_fpr_0.001", _tpr_at(0.001), max_fpr=0.001),
+        MetricDef("iou", _run_metric(f"{split}_iou"), per_sample=False),
+        MetricDef("attention_in_mask", _run_metric(f"{split}_attention_in_mask"), per_sample=False),
+    ]
+
+
+def _read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    missing = {"file", "score", "decision", "label"} - set(rows[0] if rows else {})
+    if not rows or missing:
+        raise ValueError(f"{path}: not an evaluation predictions.csv (no rows, or missing columns {sorted(missing)})")
+    ids = [f"{r['file']}#{r.get('frame', '')}" for r in rows]
+    scores = np.array([float(r["score"]) for r in rows], dtype=np.float64)
+    labels = np.array([float(int(r["label"]) != 0) for r in rows])
+    decisions = np.array([float(r["decision"]) if r["decision"] != "" else math.nan for r in rows])
+    if not np.isfinite(scores).all():
+        raise ValueError(f"{path}: non-finite scores")
+    return ids, scores, labels, decisions
+
+
+def load_runs(spec: StudySpec) -> dict[str, list[RunData]]:
+    """The finished runs of each configuration (runs without ``result.json`` are left out).
+
+    Raises:
+        ValueError: naming the file when a result or predictions file is malformed.
+    """
+    out: dict[str, list[RunData]] = {c: [] for c in spec.configs}
+    for key in spec.runs():
+        folder = spec.run_dir(key)
+        result_path = folder / RESULT_FILE
+        if not result_path.is_file():
+            continue
+        result = json.loads(result_path.read_text())
+        ids, scores, labels, decisions = _read_predictions(folder / result["predictions"])
+        out[key.config].append(RunData(key, ids, scores, labels, decisions, result["metrics"]))
+    return out
+
+
+def _percentiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return math.nan, math.nan
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return float(low), float(high)
+
+
+def _draw(rng: np.random.Generator, n: int, per_sample: bool) -> np.ndarray:
+    return np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64) if per_sample else np.ones(n)
+
+
+def bootstrap_mean(
+    runs: Sequence[RunData], metric: MetricDef, n_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean over runs of a metric and its two-level percentile bootstrap CI (runs, then each run's samples).
+
+    Returns:
+        ``(mean, low, high)``; NaN when no run defines the metric.
+    """
+    point = np.array([metric.value(r, np.ones(r.labels.size)) for r in runs])
+    if not np.isfinite(point).any():
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    replicates = np.empty(n_bootstrap)
+    for b in range(n_bootstrap):
+        picked = rng.integers(0, len(runs), len(runs))
+        values = [metric.value(runs[i], _draw(rng, runs[i].labels.size, metric.per_sample)) for i in picked]
+        replicates[b] = np.nanmean(values) if np.isfinite(values).any() else math.nan
+    return (float(np.nanmean(point)), *_percentiles(replicates, confidence))
+
+
+def _pairs(runs: Sequence[RunData], reference: Sequence[RunData]) -> list[tuple[RunData, RunData, np.ndarray]]:
+    """Runs matched on (data seed, seed), with the reference's sample order mapped onto the run's."""
+    by_key = {(r.key.data_seed, r.key.seed): r for r in reference}
+    pairs = []
+    for run in runs:
+        other = by_key.get((run.key.data_seed, run.key.seed))
+        if other is None:
+            continue
+        position = {sample: i for i, sample in enumerate(other.ids)}
+        if set(position) != set(run.ids):
+            raise ValueError(f"runs {run.key.folder} and {other.key.folder} were evaluated on different samples")
+        pairs.append((run, other, np.array([position[s] for s in run.ids])))
+    return pairs
+
+
+def bootstrap_paired_difference(
+    runs: Sequence[RunData],
+    reference: Sequence[RunData],
+    metric: MetricDef,
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float, int]:
+    """Mean paired difference ``metric(run) - metric(reference run)`` over runs sharing (data seed, seed), with a
+    bootstrap CI drawing the same runs and the same test samples for both.
+
+    Returns:
+        ``(difference, low, high, n_pairs)``; NaN without pairs.
+
+    Raises:
+        ValueError: when paired runs were evaluated on different samples.
+    """
+    pairs = _pairs(runs, reference)
+    if not pairs:
+        return math.nan, math.nan, math.nan, 0
+    point = [metric.value(a, np.ones(a.labels.size)) - metric.value(b, np.ones(b.labels.size)) for a, b, _ in pairs]
+    rng = np.random.default_rng(seed)
+    replicates = np.empty(n_bootstrap)
+    for k in range(n_bootstrap):
+        values = []
+        for i in rng.integers(0, len(pairs), len(pairs)):
+            a, b, order = pairs[i]
+            w = _draw(rng, a.labels.size, metric.per_sample)
+            w_ref = np.empty_like(w)
+            w_ref[order] = w
+            values.append(metric.value(a, w) - metric.value(b, w_ref))
+        replicates[k] = np.nanmean(values) if np.isfinite(values).any() else math.nan
+    mean = float(np.nanmean(point)) if np.isfinite(point).any() else math.nan
+    return (mean, *_percentiles(replicates, confidence), len(pairs))
+
+
+def _note(runs: Sequence[RunData], metric: MetricDef) -> str:
+    if metric.max_fpr is not None:
+        needed = min_negatives(metric.max_fpr)
+        fewest = min(r.n_negatives for r in runs)
+        if fewest < needed:
+            return f"n/a: {fewest} negatives, {needed} needed for one false alarm at FPR {metric.max_fpr:g}"
+    if metric.name == "sensitivity" and any(np.isnan(r.decisions).any() for r in runs):
+        return "n/a: a model without an operating point"
+    return "" if metric.per_sample else "CI over runs only (a per-run figure)"
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if not math.isfinite(value) else f"{value:.3f}"
+
+
+def _plots(spec: StudySpec, runs: dict[str, list[RunData]], rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    configs = [c for c in spec.configs if runs[c]]
+    for metric in study_metrics(spec.split):
+        summary = {r["config"]: r for r in rows if r["metric"] == metric.name}
+        if all(not math.isfinite(summary[c]["mean"]) for c in configs):
+            continue
+        fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(configs) + 1.5), 3.6))
+        for i, config in enumerate(configs):
+            dots = [metric.value(r, np.ones(r.labels.size)) for r in runs[config]]
+            ax.scatter(np.full(len(dots), i) + np.linspace(-0.12, 0.12, len(dots)), dots, s=14, color="0.55",
+                       zorder=2, label="one run" if i == 0 else None)
+            row = summary[config]
+            if math.isfinite(row["mean"]):
+                low, high = row["ci_low"], row["ci_high"]
+                err = [[row["mean"] - low], [high - row["mean"]]] if math.isfinite(low) else None
+                ax.errorbar(i, row["mean"], yerr=err, fmt="o", color="C0", capsize=4, zorder=3,
+                            label="mean, 95 % CI" if i == 0 else None)
+        ax.set_xticks(range(len(configs)), configs, rotation=30, ha="right")
+        ax.set_ylabel(metric.name)
+        ax.set_title(f"{spec.name}: {metric.name} ({spec.split} split)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        path = out / f"{metric.name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+        if spec.x_axis:
+            given = {c: spec.configs[c].get(spec.x_axis, spec.train.get(spec.x_axis)) for c in configs}
+            xs = [(float(x), summary[c]) for c, x in given.items() if isinstance(x, int | float)]
+            if len(xs) >= 2:
+                xs.sort(key=lambda t: t[0])
+                fig, ax = plt.subplots(figsize=(4.8, 3.6))
+                x = [t[0] for t in xs]
+                ax.plot(x, [t[1]["mean"] for t in xs], "o-", color="C0", label="mean")
+                ax.fill_between(x, [t[1]["ci_low"] for t in xs], [t[1]["ci_high"] for t in xs], alpha=0.2,
+                                color="C0", label="95 % CI")
+                ax.set_xscale("log" if min(x) > 0 and max(x) / min(x) >= 10 else "linear")
+                ax.set_xlabel(spec.x_axis)
+                ax.set_ylabel(metric.name)
+                ax.set_title(f"{metric.name} vs {spec.x_axis}")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
+                fig.tight_layout()
+                path = out / f"{metric.name}_vs_{spec.x_axis}.png"
+                fig.savefig(path, dpi=110)
+                plt.close(fig)
+                written.append(path)
+    return written
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_report(
+    spec: StudySpec, out: str | Path | None = None, n_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> Path:
+    """Write ``study.md``, ``summary.csv``, ``differences.csv``, ``runs.csv`` and the plots into ``out``
+    (default ``<output_dir>/report``) and log them to the study's MLflow parent run.
+
+    Returns:
+        the Markdown file.
+
+    Raises:
+        RuntimeError: when no run of the study has finished.
+    """
+    out = Path(out) if out is not None else spec.output_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    runs = load_runs(spec)
+    if not any(runs.values()):
+        raise RuntimeError(f"study {spec.path}: no finished run under {spec.output_dir / 'runs'}; run it first")
+    metrics = study_metrics(spec.split)
+    summary, differences, per_run = [], [], []
+    for config, config_runs in runs.items():
+        for run in config_runs:
+            per_run.append({"config": config, "data_seed": run.key.data_seed, "seed": run.key.seed,
+                            "n_test": run.labels.size, "n_negatives": run.n_negatives}
+                           | {m.name: metric_value(m, run) for m in metrics})
+        for metric in metrics:
+            if not config_runs:
+                summary.append({"config": config, "metric": metric.name, "runs": 0, "mean": math.nan,
+                                "ci_low": math.nan, "ci_high": math.nan, "note": "no finished run"})
+                continue
+            note = _note(config_runs, metric)
+            mean, low, high = (math.nan,) * 3 if note.startswith("n/a") else bootstrap_mean(
+                config_runs, metric, n_bootstrap, confidence, seed)
+            summary.append({"config": config, "metric": metric.name, "runs": len(config_runs), "mean": mean,
+                            "ci_low": low, "ci_high": high, "note": note})
+            if config != spec.reference and runs[spec.reference] and not note.startswith("n/a"):
+                diff, d_low, d_high, n = bootstrap_paired_difference(
+                    config_runs, runs[spec.reference], metric, n_bootstrap, confidence, seed)
+                differences.append({"config": config, "reference": spec.reference, "metric": metric.name,
+                                    "pairs": n, "difference": diff, "ci_low": d_low, "ci_high": d_high})
+    _write_csv(out / "summary.csv", summary)
+    _write_csv(out / "runs.csv", per_run)
+    if differences:
+        _write_csv(out / "differences.csv", differences)
+    plots = _plots(spec, runs, summary, out)
+    markdown = out / "study.md"
+    markdown.write_text(_markdown(spec, runs, summary, differences, plots, n_bootstrap, confidence))
+    _log_report(spec, out)
+    return markdown
+
+
+def metric_value(metric: MetricDef, run: RunData) -> float:
+    """A metric of one run on all its test samples."""
+    return metric.value(run, np.ones(run.labels.size))
+
+
+def _markdown(
+    spec: StudySpec,
+    runs: dict[str, list[RunData]],
+    summary: list[dict[str, Any]],
+    differences: list[dict[str, Any]],
+    plots: list[Path],
+    n_bootstrap: int,
+    confidence: float,
+) -> str:
+    names = [m.name for m in study_metrics(spec.split)]
+    level = f"{confidence:.0%}"
+    lines = [
+        f"# Study `{spec.name}`",
+        "",
+        f"Bundle `{spec.bundle.name}`, split `{spec.split}`; seeds {spec.seeds} × data seeds {spec.data_seeds}; "
+        f"mean over runs and {level} CI ({n_bootstrap} two-level bootstrap draws: runs, then test samples). "
+        f"Reference configuration: `{spec.reference}`.",
+        "",
+        "| configuration | runs | " + " | ".join(names) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in names) + " |",
+    ]
+    notes: dict[str, str] = {}
+    for config in spec.configs:
+        cells = []
+        for name in names:
+            row = next(r for r in summary if r["config"] == config and r["metric"] == name)
+            cells.append(_fmt(row["mean"]) if not math.isfinite(row["ci_low"])
+                         else f"{_fmt(row['mean'])} [{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}]")
+            if row["note"]:
+                notes.setdefault(name, row["note"])
+        lines.append(f"| `{config}` | {len(runs[config])} | " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", *[f"- `{name}`: {note}" for name, note in notes.items()]]
+    if differences:
+        lines += ["", f"## Paired differences against `{spec.reference}` ({level} CI)", "",
+                  "| configuration | pairs | " + " | ".join(names) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
+        for config in spec.configs:
+            rows = {r["metric"]: r for r in differences if r["config"] == config}
+            if not rows:
+                continue
+            cells = [f"{rows[n]['difference']:+.3f} [{rows[n]['ci_low']:+.3f}, {rows[n]['ci_high']:+.3f}]"
+                     if n in rows and math.isfinite(rows[n]["difference"]) else "n/a" for n in names]
+            pairs = max(r["pairs"] for r in rows.values())
+            lines.append(f"| `{config}` | {pairs} | " + " | ".join(cells) + " |")
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+    lines += ["", "Per-run figures: `runs.csv`; these tables as CSV: `summary.csv`, `differences.csv`.", ""]
+    return "\n".join(lines)
+
+
+def _log_report(spec: StudySpec, out: Path) -> None:
+    state = spec.output_dir / "study.json"
+    if not state.is_file():
+        return
+    import mlflow
+
+    run_id = json.loads(state.read_text())["parent_run_id"]
+    mlflow.MlflowClient(spec.tracking_uri).log_artifacts(run_id, str(out), "report")

@@ -1,0 +1,218 @@
+"""A study: named configurations of one bundle × training seeds × data seeds, read from a YAML file."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["RunKey", "StudySpec", "load_study"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_KEYS = {
+    "name", "bundle", "output_dir", "tracking_uri", "data", "seeds", "data_seeds", "train", "evaluate", "configs",
+    "reference", "x_axis", "train_configs", "evaluate_configs", "workers", "split", "evaluation_outputs",
+}
+
+
+@dataclass(frozen=True, order=True)
+class RunKey:
+    """One run of a study: a configuration trained with one seed on the data set of one data seed."""
+
+    config: str
+    data_seed: int
+    seed: int
+
+    @property
+    def folder(self) -> str:
+        """The run's folder under ``<output_dir>/runs``."""
+        return f"{self.config}/d{self.data_seed}_s{self.seed}"
+
+    def run_name(self, stage: str) -> str:
+        """The MLflow run name of a stage ("train", "evaluate") of this run."""
+        return f"{self.config}.d{self.data_seed}.s{self.seed}.{stage}"
+
+
+@dataclass
+class StudySpec:
+    """A study read by :func:`load_study`.
+
+    Args:
+        name: the study's name (MLflow experiment and parent run).
+        path: the YAML file it was read from.
+        bundle: the MONAI bundle folder every run goes through.
+        output_dir: where data, runs and the report go.
+        tracking_uri: MLflow tracking URI of the parent and child runs.
+        data: ``{"synth": kind, "args": {...}}`` (``medgain synth <kind>`` per data seed) or
+            ``{"dataset_dir": path}`` (one data set, data seed 0).
+        seeds: training seeds.
+        data_seeds: data-generation seeds.
+        train: overrides of every training run.
+        evaluate: overrides of every evaluation run.
+        configs: configuration name → its overrides of the training run.
+        reference: the configuration the others are compared with.
+        x_axis: an override plotted on the x axis (e.g. ``masks_fraction``), or None.
+        train_configs: bundle config files of training.
+        evaluate_configs: bundle config files of evaluation (merged in order).
+        workers: parallel runs (None: one per GPU, else one).
+        split: the held-out split evaluated.
+        evaluation_outputs: the folder, under a run's bundle root, where evaluation writes ``metrics.json`` and
+            ``predictions.csv``.
+    """
+
+    name: str
+    path: Path
+    bundle: Path
+    output_dir: Path
+    tracking_uri: str
+    data: dict[str, Any]
+    seeds: list[int]
+    data_seeds: list[int]
+    configs: dict[str, dict[str, Any]]
+    reference: str
+    train: dict[str, Any] = field(default_factory=dict)
+    evaluate: dict[str, Any] = field(default_factory=dict)
+    x_axis: str | None = None
+    train_configs: list[str] = field(default_factory=lambda: ["train.yaml"])
+    evaluate_configs: list[str] = field(default_factory=lambda: ["train.yaml", "evaluate.yaml"])
+    workers: int | None = None
+    split: str = "test"
+    evaluation_outputs: str = "outputs/evaluation"
+
+    def runs(self) -> list[RunKey]:
+        """Every run of the grid, configuration by configuration."""
+        return [RunKey(c, d, s) for c in self.configs for d in self.data_seeds for s in self.seeds]
+
+    def dataset_dir(self, data_seed: int) -> Path:
+        """The data set of a data seed."""
+        if "dataset_dir" in self.data:
+            return Path(self.data["dataset_dir"])
+        return self.output_dir / "data" / f"d{data_seed}"
+
+    def run_dir(self, key: RunKey) -> Path:
+        """The bundle root of a run."""
+        return self.output_dir / "runs" / key.folder
+
+    def training_overrides(self, key: RunKey) -> dict[str, Any]:
+        """The variables a run's training is given (common, then the configuration's, then seed and data)."""
+        return {
+            **self.train,
+            **self.configs[key.config],
+            "seed": key.seed,
+            "dataset_dir": str(self.dataset_dir(key.data_seed)),
+            "tracking_uri": self.tracking_uri,
+            "experiment_name": self.name,
+            "run_name": key.run_name("train"),
+        }
+
+    def evaluation_overrides(self, key: RunKey) -> dict[str, Any]:
+        """The variables a run's evaluation is given (its training's, the evaluation's, the split)."""
+        return {
+            **self.training_overrides(key),
+            **self.evaluate,
+            "split": self.split,
+            "run_name": key.run_name("evaluate"),
+        }
+
+
+def _fail(path: Path, message: str) -> None:
+    raise ValueError(f"study file {path}: {message}")
+
+
+def _seeds(path: Path, raw: dict[str, Any], name: str, default: list[int]) -> list[int]:
+    seeds = raw.get(name, default)
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        _fail(path, f"{name!r} must be a non-empty list of non-negative integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        _fail(path, f"{name!r} repeats a seed: {seeds}")
+    return seeds
+
+
+def _mapping(path: Path, raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name) or {}
+    if not isinstance(value, dict):
+        _fail(path, f"{name!r} must be a mapping of config variables, got {type(value).__name__}")
+    return value
+
+
+def load_study(path: str | os.PathLike) -> StudySpec:
+    """Read and check a study file. Relative paths in it are relative to the file's folder.
+
+    Raises:
+        FileNotFoundError: when the file or the bundle is missing.
+        ValueError: naming the file and the field, for anything malformed.
+    """
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"study file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"study file {path}: not valid YAML ({err})") from err
+    if not isinstance(raw, dict):
+        _fail(path, "must be a mapping")
+    unknown = sorted(set(raw) - _KEYS)
+    if unknown:
+        _fail(path, f"unknown fields {unknown}; known: {sorted(_KEYS)}")
+    for required in ("name", "bundle", "data", "configs"):
+        if required not in raw:
+            _fail(path, f"missing field {required!r}")
+    name = str(raw["name"])
+    if not _NAME.match(name):
+        _fail(path, f"'name' must be letters, digits, '_', '.', '-', got {name!r}")
+    here = path.parent
+    bundle = (here / raw["bundle"]).resolve()
+    if not (bundle / "configs" / "metadata.json").is_file():
+        raise FileNotFoundError(f"study file {path}: 'bundle' is not a MONAI bundle (no configs/metadata.json): {bundle}")
+    output_dir = (here / raw.get("output_dir", f"studies/{name}")).resolve()
+    data = _mapping(path, raw, "data")
+    if ("synth" in data) == ("dataset_dir" in data):
+        _fail(path, "'data' needs exactly one of 'synth' (a `medgain synth` data set) or 'dataset_dir'")
+    if "dataset_dir" in data:
+        data = {"dataset_dir": str((here / data["dataset_dir"]).resolve())}
+        if raw.get("data_seeds", [0]) != [0]:
+            _fail(path, "'data_seeds' needs 'data: {synth: ...}'; a fixed 'dataset_dir' is one data set")
+    elif not isinstance(data.get("args", {}), dict):
+        _fail(path, "'data.args' must be a mapping of `medgain synth` options")
+    configs = _mapping(path, raw, "configs")
+    if not configs:
+        _fail(path, "'configs' names no configuration")
+    for config, overrides in configs.items():
+        if not _NAME.match(str(config)):
+            _fail(path, f"configuration name {config!r} must be letters, digits, '_', '.', '-'")
+        if not isinstance(overrides or {}, dict):
+            _fail(path, f"configuration {config!r} must be a mapping of config variables")
+        reserved = {"seed", "dataset_dir", "tracking_uri", "experiment_name", "run_name"} & set(overrides or {})
+        if reserved:
+            _fail(path, f"configuration {config!r} sets {sorted(reserved)}, which the study sets per run")
+    reference = str(raw.get("reference", next(iter(configs))))
+    if reference not in configs:
+        _fail(path, f"'reference' {reference!r} is not one of the configurations {list(configs)}")
+    workers = raw.get("workers")
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        _fail(path, f"'workers' must be a positive integer, got {workers!r}")
+    tracking_uri = raw.get("tracking_uri") or f"sqlite:///{output_dir / 'mlflow.db'}"
+    return StudySpec(
+        name=name,
+        path=path,
+        bundle=bundle,
+        output_dir=output_dir,
+        tracking_uri=str(tracking_uri),
+        data=data,
+        seeds=_seeds(path, raw, "seeds", [0]),
+        data_seeds=_seeds(path, raw, "data_seeds", [0]),
+        configs={str(c): dict(o or {}) for c, o in configs.items()},
+        reference=reference,
+        train=_mapping(path, raw, "train"),
+        evaluate=_mapping(path, raw, "evaluate"),
+        x_axis=raw.get("x_axis"),
+        train_configs=list(raw.get("train_configs", ["train.yaml"])),
+        evaluate_configs=list(raw.get("evaluate_configs", ["train.yaml", "evaluate.yaml"])),
+        workers=workers,
+        split=str(raw.get("split", "test")),
+        evaluation_outputs=str(raw.get("evaluation_outputs", "outputs/evaluation")),
+    )

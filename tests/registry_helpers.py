@@ -1,0 +1,76 @@
+"""Shared pieces of the registry tests: a tiny synthetic capsule set whose DICOM headers and file names carry
+planted patient identifiers, and in-process training of the capsule bundle into a given MLflow store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pydicom
+from monai.bundle import run as bundle_run
+
+from medgain.demo import CAPSULE_BUNDLE
+from medgain.synth.capsule import make_capsule_dataset
+
+#: what a hospital export carries and must never leave it
+PLANTED = {
+    "PatientName": "QUIRKSBY^ELVIRA",
+    "PatientID": "MRN8812345",
+    "PatientBirthDate": "19610412",
+    "AccessionNumber": "ACC99887766",
+    "InstitutionName": "StElsewhereHospital",
+}
+PATIENT_FOLDER = "QUIRKSBY_ELVIRA_MRN8812345"
+TINY = {"image_size": 32, "batch_size": 8, "num_workers": 0, "network": "small_cnn", "max_epochs": 1}
+CONFIGS = CAPSULE_BUNDLE / "configs"
+
+
+def phi_dataset(root: Path, n_frames: int = 60) -> Path:
+    """A DICOM capsule set with identifiers in the headers, the folder and file names, and the study ids;
+    returns the datalist path."""
+    datalist = make_capsule_dataset(
+        root, n_frames, seed=1, size=32, prevalence=0.35, dicom=True, frames_per_study=3, split_fractions=(0.5, 0.2, 0.3)
+    )
+    content = json.loads(datalist.read_text())
+    folder = root / PATIENT_FOLDER
+    folder.mkdir()
+    for items in content.values():
+        for item in items:
+            source = root / item["image"]
+            ds = pydicom.dcmread(source)
+            for key, value in PLANTED.items():
+                setattr(ds, key, value)
+            name = f"{PATIENT_FOLDER}_{source.stem}.dcm"
+            ds.save_as(folder / name, enforce_file_format=True)
+            source.unlink()
+            item["image"] = f"{PATIENT_FOLDER}/{name}"
+            item["study"] = f"{PLANTED['PatientID']}-{item['study']}"
+    datalist.write_text(json.dumps(content, indent=1))
+    return datalist
+
+
+def identifiers() -> set[str]:
+    """Every planted identifier, as it would be searched for."""
+    return {*PLANTED.values(), "QUIRKSBY", "ELVIRA", PATIENT_FOLDER}
+
+
+def make_store(uri: str, artifacts: Path) -> None:
+    """Create the bundle's experiment with its artifacts under ``artifacts`` (not the working directory)."""
+    client = mlflow.MlflowClient(uri)
+    if client.get_experiment_by_name("capsule_endoscopy_gain") is None:
+        client.create_experiment("capsule_endoscopy_gain", artifact_location=artifacts.as_uri())
+
+
+def train(root: Path, datalist: Path, uri: str, seed: int) -> None:
+    """One tiny epoch of the capsule bundle, in this process, registered in ``uri``."""
+    bundle_run(
+        "training",
+        meta_file=str(CONFIGS / "metadata.json"),
+        config_file=str(CONFIGS / "train.yaml"),
+        bundle_root=str(root),
+        dataset_dir=str(datalist.parent),
+        tracking_uri=uri,
+        seed=seed,
+        **TINY,
+    )
