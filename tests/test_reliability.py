@@ -345,7 +345,7 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path, m
             try:
                 with open(folder / "filler", "wb") as f:
                     f.write(b"\0" * (256 * 1024 - len(previous)))
-            except OSError:
+            except OSError:  # the filler itself hit the full disk, which is the state wanted
                 pass
         else:
             def no_space(obj: object, f: object) -> None:

@@ -39,7 +39,7 @@ def phi_salt() -> bytes:
             f.write(secrets.token_hex(32) + "\n")
         try:
             os.link(tmp, path)
-        except FileExistsError:
+        except FileExistsError:  # another process linked its salt first: use that one (read below)
             pass
         finally:
             tmp.unlink()
