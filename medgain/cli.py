@@ -68,6 +68,7 @@ def _run_synth_capsule(args: argparse.Namespace) -> int:
         frames_per_study=args.frames_per_study,
         split_fractions=args.split_fractions,
         lesions_per_frame=args.lesions_per_frame,
+        shortcut_splits=args.shortcut_splits,
     )
     print(datalist_path)
     for name, items in json.loads(datalist_path.read_text()).items():
@@ -255,6 +256,15 @@ def _add_synth_parser(subparsers: argparse._SubParsersAction) -> None:
         default=0.0,
         help="fraction of the positive frames that also carry a corner marker, a shortcut confounder "
         "(default: %(default)s)",
+    )
+    add(
+        "--shortcut-splits",
+        nargs="+",
+        choices=["training", "validation", "test"],
+        default=["training", "validation", "test"],
+        metavar="SPLIT",
+        help="splits whose positive frames may carry the marker, e.g. training validation for a clean test "
+        "split (default: all)",
     )
     add("--dicom", action="store_true", help="write frames as DICOM VL Endoscopic images instead of PNG")
     add("--frames-per-study", type=_bounded(int, 1), default=20, help="frames per study (default: %(default)s)")
@@ -616,7 +626,8 @@ def _add_registry_parsers(subparsers: argparse._SubParsersAction) -> None:
     add("--model", required=True, help="registered model name")
     add("--version", required=True, help="model version")
     add("--data", type=Path, required=True,
-        help="the evaluated data: a datalist JSON, or the bundle's data folder (whole-slide: dataset_dir)")
+        help="the evaluated data: a datalist JSON, a dermoscopy CSV, or the bundle's data folder (whole-slide, "
+        "dermoscopy: dataset_dir)")
     add("--split", default="test", help="datalist split (default: %(default)s)")
     add("--against", help="alias of the model compared with on the same data (e.g. champion)")
     add("--out", type=Path, required=True, help="output folder")

@@ -4,10 +4,14 @@ planted patient identifiers, and in-process training of the capsule bundle into 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import pydicom
+import pytest
+import torch
 from monai.bundle import run as bundle_run
 
 from medgain.demo import CAPSULE_BUNDLE
@@ -22,8 +26,19 @@ PLANTED = {
     "InstitutionName": "StElsewhereHospital",
 }
 PATIENT_FOLDER = "QUIRKSBY_ELVIRA_MRN8812345"
-TINY = {"image_size": 32, "batch_size": 8, "num_workers": 0, "network": "small_cnn", "max_epochs": 1}
+TINY = {"image_size": 32, "batch_size": 8, "num_workers": 0, "network": "small_cnn", "max_epochs": 3}
 CONFIGS = CAPSULE_BUNDLE / "configs"
+
+
+@contextmanager
+def registry_env(salt: str) -> Iterator[None]:
+    """A fixed pseudonym salt, no ``MLFLOW_TRACKING_URI`` from the calling shell and one torch thread; the
+    environment is restored afterwards."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEDGAIN_PHI_SALT", salt)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        torch.set_num_threads(1)
+        yield
 
 
 def phi_dataset(root: Path, n_frames: int = 60) -> Path:

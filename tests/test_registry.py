@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from monai.bundle import run as monai_run
 from PIL import Image
-from registry_helpers import CONFIGS, identifiers, make_store, phi_dataset, train
+from registry_helpers import CONFIGS, identifiers, make_store, phi_dataset, registry_env, train
 
 from medgain.cli import main
 from medgain.data.phi import frame_ref
@@ -58,30 +58,22 @@ def _keys(folder: Path, stem: str) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """Two trained versions, both reviewed (the second against the champion), gated and packaged."""
-    saved = {k: os.environ.get(k) for k in ("MEDGAIN_PHI_SALT", "MLFLOW_TRACKING_URI")}
-    os.environ["MEDGAIN_PHI_SALT"] = "registry-test-salt"
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("registry")
-    datalist = phi_dataset(root / "data")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    make_store(uri, root / "artifacts")
-    train(root / "run1", datalist, uri, seed=0)
-    train(root / "run2", datalist, uri, seed=1)
-    state: dict[str, Any] = {"root": root, "datalist": datalist, "uri": uri, "client": mlflow.MlflowClient(uri)}
-    common = {"tracking_uri": uri, "n_bootstrap": 100, "gallery_size": 4}
-    state["review1"] = review_model(NAME, "1", datalist, root / "review1", against="champion", **common)
-    gate = root / "gate.yaml"
-    gate.write_text(yaml.safe_dump({"rules": ["test_auc >= 0.0"], "not_worse_than": "champion"}))
-    state["gate"] = gate
-    state["promoted"] = promote(NAME, "1", "champion", gate, "dr-a", tracking_uri=uri)
-    state["review2"] = review_model(NAME, "2", datalist, root / "review2", against="champion", **common)
-    yield state
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with registry_env("registry-test-salt"):
+        root = tmp_path_factory.mktemp("registry")
+        datalist = phi_dataset(root / "data")
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        make_store(uri, root / "artifacts")
+        train(root / "run1", datalist, uri, seed=1)  # validation sets no operating threshold: cannot be packaged
+        train(root / "run2", datalist, uri, seed=0)
+        state: dict[str, Any] = {"root": root, "datalist": datalist, "uri": uri, "client": mlflow.MlflowClient(uri)}
+        common = {"tracking_uri": uri, "n_bootstrap": 100, "gallery_size": 4}
+        state["review1"] = review_model(NAME, "1", datalist, root / "review1", against="champion", **common)
+        gate = root / "gate.yaml"
+        gate.write_text(yaml.safe_dump({"rules": ["test_auc >= 0.0"], "not_worse_than": "champion"}))
+        state["gate"] = gate
+        state["promoted"] = promote(NAME, "1", "champion", gate, "dr-a", tracking_uri=uri)
+        state["review2"] = review_model(NAME, "2", datalist, root / "review2", against="champion", **common)
+        yield state
 
 
 def test_review_report_and_registry_records(flow: Any) -> None:
@@ -181,6 +173,14 @@ def package(flow: Any) -> Any:
     zip_path = root / "partner_bundle.zip"
     manifest = build_package(f"{NAME}@champion", zip_path, tracking_uri=uri, sign_key=private)
     return {"zip": zip_path, "manifest": manifest, "public": public, "private": private}
+
+
+def test_a_version_without_an_operating_threshold_is_not_packaged(flow: Any, tmp_path: Path) -> None:
+    checkpoint = torch.load(flow["root"] / "run1" / "models" / "model.pt", weights_only=False, map_location="cpu")
+    assert checkpoint["operating_point"]["threshold"] is None  # the premise: seed 1 reaches no TPR at 0.1 % FPR
+    with pytest.raises(ValueError, match="version 1: its model file has no finite operating threshold"):
+        build_package(f"{NAME}@1", tmp_path / "p.zip", tracking_uri=flow["uri"], include_wheel=False)
+    assert not (tmp_path / "p.zip").exists()
 
 
 def test_package_contents_and_verification(flow: Any, package: Any) -> None:

@@ -19,6 +19,7 @@ from medgain.study import (
     MetricDef,
     RunData,
     RunKey,
+    bootstrap_gap_closed,
     bootstrap_mean,
     bootstrap_paired_difference,
     load_study,
@@ -38,7 +39,9 @@ def _study_file(folder: Path, **extra: object) -> Path:
         "train": {"network": "small_cnn", "image_size": 32, "batch_size": 8, "num_workers": 0, "max_epochs": 1},
         "evaluate": {"num_workers": 0},
         "configs": {"no_gain": {"am_weight": 0, "ex_weight": 0, "masks_fraction": 1.0},
-                    "ex": {"am_weight": 0, "masks_fraction": 0.5}},
+                    # a data set of its own: the marker on its training positives, the same clean test split
+                    "ex": {"am_weight": 0, "masks_fraction": 0.5,
+                           "data": {"shortcut_rate": 1.0, "shortcut_splits": ["training", "validation"]}}},
         "reference": "no_gain",
         "x_axis": "masks_fraction",
         "workers": 2,
@@ -72,6 +75,11 @@ def test_runs_finish_in_parallel_and_are_children_of_the_study_run(study: Path) 
         run = client.get_run(result["evaluate_run_id"])
         assert run.data.tags["study.config"] == key.config and run.data.tags["study.seed"] == str(key.seed)
         assert run.data.metrics["test_auc"] == pytest.approx(result["metrics"]["test_auc"])
+    # "ex" trained on a data set of its own, whose test split is byte for byte the reference's
+    own, shared = spec.dataset_dir(0, "ex"), spec.dataset_dir(0, "no_gain")
+    assert own != shared and json.loads((own / "dataset.json").read_text())["splits"]["training"]["shortcuts"] > 0
+    test_files = [i["image"] for i in json.loads((shared / "datalist.json").read_text())["test"]]
+    assert test_files and all((own / f).read_bytes() == (shared / f).read_bytes() for f in test_files)
     # two workers ran side by side: some run started before another had finished
     spans = sorted((r.info.start_time, r.info.end_time) for r in children if r.info.run_name.endswith(".train"))
     assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))
@@ -171,9 +179,31 @@ def test_paired_difference_uses_the_same_samples() -> None:
     assert isinstance(auc, MetricDef)
 
 
+def test_gap_closed_against_a_hand_computation() -> None:
+    iou = next(m for m in study_metrics() if m.name == "iou")
+    plain = [_run([0.0, 1.0], [0, 1], s, {"test_iou": v}) for s, v in ((0, 0.1), (1, 0.3))]
+    clean = [_run([0.0, 1.0], [0, 1], s, {"test_iou": v}) for s, v in ((0, 0.5), (1, 0.7))]
+    gain = [_run([0.0, 1.0], [0, 1], s, {"test_iou": v}) for s, v in ((0, 0.2), (1, 0.6))]
+    # means 0.2 (plain), 0.6 (clean), 0.4 (gain): half the gap closed; one-seed resamples give 1/4 and 3/4
+    fraction, low, high, n = bootstrap_gap_closed(gain, plain, clean, iou, n_bootstrap=2000, seed=1)
+    assert n == 2 and fraction == pytest.approx(0.5)
+    assert low == pytest.approx(0.25) and high == pytest.approx(0.75)
+    auc = next(m for m in study_metrics() if m.name == "auc")
+    # per test sample: the same draw for all three runs; a run as good as "clean" closes the whole gap
+    flipped = [_run([1.0, 0.0, 0.2, 0.9], [0, 1, 0, 1], 0)]
+    perfect = [_run([0.0, 1.0, 0.2, 0.9], [0, 1, 0, 1], 0)]
+    assert bootstrap_gap_closed(perfect, flipped, perfect, auc, n_bootstrap=200)[:3] == (1.0, 1.0, 1.0)
+
+
 def test_bad_study_files_are_named(tmp_path: Path) -> None:
     bad = _study_file(tmp_path, configs={"x": {"seed": 3}})
     with pytest.raises(ValueError, match=r"study.yaml: configuration 'x' sets \['seed'\]"):
+        load_study(bad)
+    bad = _study_file(tmp_path, configs={"x": {"data": [1]}})
+    with pytest.raises(ValueError, match="configuration 'x': 'data' must be a mapping"):
+        load_study(bad)
+    bad = _study_file(tmp_path, gap=["no_gain", "nope"])
+    with pytest.raises(ValueError, match="'gap' must name two different configurations"):
         load_study(bad)
     bad = _study_file(tmp_path, reference="nope")
     with pytest.raises(ValueError, match="'reference' 'nope'"):

@@ -189,6 +189,19 @@ def test_shortcut_only_on_positives_and_away_from_lesions(dataset: Path, tmp_pat
     assert len(flagged) == round(0.5 * sum(i["label"] for i in items))
 
 
+def test_shortcut_confined_to_the_training_splits(tmp_path: Path) -> None:
+    path = make_capsule_dataset(tmp_path, **{**ARGS, "shortcut_rate": 1.0,
+                                             "shortcut_splits": ("training", "validation")})
+    splits = json.loads(path.read_text())
+    for name, items in splits.items():
+        positives = [i for i in items if i["label"] == 1]
+        assert positives, name
+        expected = [name != "test"] * len(positives)
+        assert [i["shortcut"] for i in positives] == expected, name
+    summary = json.loads((tmp_path / "dataset.json").read_text())
+    assert summary["shortcut_splits"] == ["training", "validation"] and summary["splits"]["test"]["shortcuts"] == 0
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -198,6 +211,7 @@ def test_shortcut_only_on_positives_and_away_from_lesions(dataset: Path, tmp_pat
         ({"n_frames": 0}, "n_frames"),
         ({"seed": -1}, "seed"),
         ({"split_fractions": (0.5, 0.2, 0.2)}, "split_fractions"),
+        ({"shortcut_splits": ("train",)}, "shortcut_splits"),
     ],
 )
 def test_invalid_arguments(tmp_path: Path, kwargs: dict, message: str) -> None:

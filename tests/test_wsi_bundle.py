@@ -15,6 +15,7 @@ import torch
 from monai.bundle import run, verify_net_in_out
 
 from medgain.cli import main as medgain_main
+from medgain.data import study_ref
 from medgain.synth import make_wsi_dataset
 from medgain.wsi import SPLITS, PatchIdd, patch_datalist, scan_slides, split_slides, split_slides_table
 
@@ -119,10 +120,10 @@ def test_patch_table_naming_a_slide_of_another_split_is_refused(dataset: Path, t
 
 
 def test_training_is_tracked_registers_the_model_and_resumes(trained: Path, dataset: Path, tmp_path: Path) -> None:
-    (train_run,) = _runs(trained, "train-small_cnn-L1P32-AM+EX100%-seed0-")
+    (train_run,) = _runs(trained, "train-small_cnn-L1P32-EX100%-seed0-")  # the default: no attention mining
     client = _client(trained)
     assert train_run.info.status == "FINISHED"
-    expected = {"loss", "loss_cl", "loss_am", "loss_ex", "val_auc", "val_tpr_at_fpr_0.001", "val_tpr_at_fpr_0.0005",
+    expected = {"loss", "loss_cl", "loss_ex", "val_auc", "val_tpr_at_fpr_0.001", "val_tpr_at_fpr_0.0005",
                 "val_iou", "val_attention_in_mask"}
     assert expected <= set(train_run.data.metrics)
     assert train_run.data.params["level"] == "1" and train_run.data.params["backend"] == "tifffile"
@@ -168,10 +169,16 @@ def test_evaluate_reports_patch_and_slide_metrics_in_mlflow(trained: Path, datas
     assert {"test_slide_auc", "test_froc", "test_froc_sensitivity_at_1", "test_auc"} <= set(eval_run.data.metrics)
     assert eval_run.data.metrics["test_froc"] == pytest.approx(metrics["test_froc"])
     artifacts = set(_artifacts(_client(trained), eval_run.info.run_id))
-    slide = sorted(scored)[0]
+    slide = study_ref(sorted(scored)[0])  # MLflow names slides by their pseudonym; the local folder by slide id
     assert {"metrics.json", "roc/roc_test.png", "attention/test.png", "predictions.csv", "slides/slides.csv",
-            f"slides/{slide}/thumbnail.png", f"slides/{slide}/probability_overlay.png",
+            "slides/errors.csv", f"slides/{slide}/thumbnail.png", f"slides/{slide}/probability_overlay.png",
             f"slides/{slide}/attention_overlay.png", f"slides/{slide}/lesions.csv"} <= artifacts
+    assert not any("slide_" in name for name in artifacts)
+    logged = _client(trained).download_artifacts(eval_run.info.run_id, "slides/slides.csv", str(trained / "dl"))
+    with open(logged) as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["ref"] for r in rows} == {study_ref(s) for s in scored} and "slide_" not in Path(logged).read_text()
+    assert sorted(r["label"] for r in rows) == ["0", "1"]
 
 
 def test_standalone_slide_inference_skips_broken_slides_and_resumes(

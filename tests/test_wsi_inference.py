@@ -181,6 +181,9 @@ def test_run_inference_outputs_errors_and_resume(slides, maps, tmp_path):
     metrics = evaluate_inference(out, table, mask_downsample=8.0)
     assert metrics["slide_auc"] == 1.0 and metrics["n_missing"] == 1 and metrics["n_slides"] == 2
     assert metrics["froc"] >= 0.5 and metrics["n_tumours"] >= 1 and "froc_sensitivity_at_0.25" in metrics
+    # slide ids need not be the file names: with ``image`` the outputs are found by the file
+    renamed = [{**row, "slide": f"case-{i}", "image": str(root / f"{row['slide']}.tif")} for i, row in enumerate(table)]
+    assert evaluate_inference(out, renamed, mask_downsample=8.0) == metrics
     scores = collect_slide_scores(out)
     assert [r["slide"] for r in scores] == ["normal", "tumour"] and (out / "slides.csv").is_file()
     # shards: rank 1 of 2 takes every second slide

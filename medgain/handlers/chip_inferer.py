@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medgain.handlers.cam_inferer import GradCamInferer
-from medgain.handlers.tta_inferer import DIHEDRAL_VIEWS, _unview, _view
+from medgain.handlers.tta_inferer import average_over_views, check_num_views
 
 __all__ = ["ChipAttentionInferer"]
 
@@ -36,9 +36,7 @@ class ChipAttentionInferer(GradCamInferer):
         self, num_views: int = 1, cam_key: str = "cam", batch_keys: Sequence[str] = ("mask", "has_mask")
     ) -> None:
         super().__init__(target_layer="", class_index=None, cam_key=cam_key, batch_keys=batch_keys)
-        if not 1 <= int(num_views) <= len(DIHEDRAL_VIEWS):
-            raise ValueError(f"ChipAttentionInferer: num_views must be 1 to {len(DIHEDRAL_VIEWS)}, got {num_views}")
-        self.num_views = int(num_views)
+        self.num_views = check_num_views("ChipAttentionInferer", num_views)
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Mean logits of the views (detached); the mean upsampled chip attention is kept in ``last_cam``."""
@@ -49,21 +47,10 @@ class ChipAttentionInferer(GradCamInferer):
             )
         if args or kwargs:
             raise TypeError("ChipAttentionInferer: ChipNet takes the image only; use the default prepare_batch")
-        views = DIHEDRAL_VIEWS[: self.num_views]
-        if inputs.shape[-1] != inputs.shape[-2] and any(turns % 2 for turns, _ in views):
-            raise ValueError(
-                f"ChipAttentionInferer: {self.num_views} views include 90° turns, which need square inputs; got "
-                f"{tuple(inputs.shape[-2:])} (use num_views <= 4)"
-            )
-        logits_sum: torch.Tensor | None = None
-        cam_sum: torch.Tensor | None = None
-        for turns, flip in views:
-            view = _view(inputs, turns, flip)
+
+        def explain(view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             logits, grid = model.forward_with_attention(view)
-            cam = F.interpolate(grid.detach().float(), size=tuple(view.shape[-2:]), mode="nearest")
-            logits, cam = logits.detach().float(), _unview(cam, turns, flip)
-            logits_sum = logits if logits_sum is None else logits_sum + logits
-            cam_sum = cam if cam_sum is None else cam_sum + cam
-        assert logits_sum is not None and cam_sum is not None
-        self.last_cam = cam_sum / len(views)
-        return logits_sum / len(views)
+            return logits, F.interpolate(grid.detach().float(), size=tuple(view.shape[-2:]), mode="nearest")
+
+        logits, self.last_cam = average_over_views("ChipAttentionInferer", inputs, self.num_views, explain)
+        return logits

@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medgain.data.phi import study_ref
 from medgain.handlers.utils import attach_once, log_artifact
 from medgain.metrics import CAMELYON_FP_RATES
 from medgain.wsi.evaluate import evaluate_inference
-from medgain.wsi.inference import SlideInferer, collect_slide_scores, run_inference
+from medgain.wsi.inference import SlideInferer, collect_slide_scores, output_id, run_inference
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
     from monai.handlers import MLFlowHandler
 
-__all__ = ["SlideEvaluation"]
+__all__ = ["LOGGED_SLIDE_COLUMNS", "SlideEvaluation"]
 
 logger = logging.getLogger(__name__)
 
 _REVIEW_FILES = ("thumbnail.png", "probability_overlay.png", "attention_overlay.png", "lesions.csv")
+#: columns of the ``slides.csv`` logged to MLflow (no slide id, no path)
+LOGGED_SLIDE_COLUMNS = ("ref", "label", "score", "probability", "n_patches", "n_lesions", "mpp")
 
 
 class SlideEvaluation:
@@ -36,9 +41,16 @@ class SlideEvaluation:
     ``<prefix>slide_auc``, ``<prefix>froc``, ``<prefix>froc_sensitivity_at_<rate>``, ``<prefix>n_slides``,
     ``<prefix>n_missing`` (failed slides), ``<prefix>n_tumours`` and ``<prefix>n_froc_slides``; attach
     :class:`~medgain.handlers.MetricsJSONWriter` after this handler to write and log them. What a figure cannot
-    mean (no countable tumour, failed slides) goes into ``engine.state.metric_notes``. With an MLflow handler,
-    ``slides.csv``, ``errors.csv`` and each slide's thumbnail, probability and attention overlays and lesions
-    are logged under ``artifact_path/<slide id>/``.
+    mean (no countable tumour, failed slides) goes into ``engine.state.metric_notes``, failed slides named by
+    their pseudonym.
+
+    What reaches MLflow names no slide and no path (slide ids and file names can name patients): a slide is
+    referred to by its salted pseudonym ``study_ref(slide id)`` (:mod:`medgain.data.phi`; the ``s-…`` names of
+    the slides in ``medgain review``). With an MLflow handler, ``artifact_path/slides.csv``
+    (:data:`LOGGED_SLIDE_COLUMNS`), ``artifact_path/errors.csv`` (``ref``, and the error's type only: its
+    message may quote the path) and each slide's thumbnail, probability and attention overlays and lesions
+    (coordinates) under ``artifact_path/<ref>/`` are logged. The local ``slides.csv``, ``errors.csv`` and
+    per-slide folders of ``output_dir`` keep the slide ids and paths and are not logged.
 
     Args:
         slides: rows with ``slide`` (id), ``image`` (path), ``label`` (0/1) and ``annotation`` (path or ""), e.g.
@@ -122,8 +134,9 @@ class SlideEvaluation:
             notes[f"{self.prefix}froc"] = "no annotated tumour (above the ITC size) among the evaluated slides"
         if summary["failed"]:
             notes[f"{self.prefix}n_missing"] = (
-                f"{len(summary['failed'])} slides failed ({', '.join(summary['failed'])}); see "
-                f"{self.output_dir / 'errors.csv'}"
+                f"{len(summary['failed'])} slides failed "
+                f"({', '.join(study_ref(self._slide_id(s)) for s in summary['failed'])}); see "
+                "errors.csv of the local slide output folder"
             )
         engine.state.metric_notes = notes
         logger.info(
@@ -135,11 +148,39 @@ class SlideEvaluation:
         )
         if self.mlflow_handler is None:
             return
-        for name in ("slides.csv", "errors.csv"):
-            if (self.output_dir / name).is_file():
-                log_artifact(self.mlflow_handler, self.output_dir / name, self.artifact_path)
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in self._pseudonymised_tables(records, Path(tmp)):
+                log_artifact(self.mlflow_handler, path, self.artifact_path)
         for record in records:
-            folder = self.output_dir / record["slide"]
+            folder, ref = self.output_dir / record["slide"], study_ref(self._slide_id(record["slide"]))
             for name in _REVIEW_FILES:
                 if (folder / name).is_file():
-                    log_artifact(self.mlflow_handler, folder / name, f"{self.artifact_path}/{record['slide']}")
+                    log_artifact(self.mlflow_handler, folder / name, f"{self.artifact_path}/{ref}")
+
+    def _slide_id(self, output: str) -> str:
+        """The slide id of an output folder of :func:`~medgain.wsi.run_inference` (named by the slide's file)."""
+        return next((str(s["slide"]) for s in self.slides if output_id(s["image"]) == output), output)
+
+    def _pseudonymised_tables(self, records: Sequence[Mapping[str, Any]], folder: Path) -> list[Path]:
+        """Write into ``folder`` the copies of ``slides.csv`` and ``errors.csv`` that go to MLflow."""
+        labels = {output_id(s["image"]): s["label"] for s in self.slides}
+        slides = folder / "slides.csv"
+        with slides.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=LOGGED_SLIDE_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            for record in records:
+                writer.writerow({**record, "ref": study_ref(self._slide_id(record["slide"])),
+                                 "label": labels.get(record["slide"], "")})
+        written = [slides]
+        local_errors = self.output_dir / "errors.csv"
+        if local_errors.is_file():
+            with local_errors.open(newline="") as fh:
+                failed = list(csv.DictReader(fh))
+            errors = folder / "errors.csv"
+            with errors.open("w", newline="") as fh:
+                writer = csv.writer(fh)
+                writer.writerow(["ref", "error"])
+                writer.writerows([study_ref(self._slide_id(row["slide"])), row["error"].split(":", 1)[0]]
+                                 for row in failed)
+            written.append(errors)
+        return written

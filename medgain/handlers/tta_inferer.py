@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 from medgain.attention import grad_cam
 from medgain.handlers.cam_inferer import GradCamInferer
 
-__all__ = ["DIHEDRAL_VIEWS", "TTAGradCamInferer"]
+__all__ = ["DIHEDRAL_VIEWS", "TTAGradCamInferer", "average_over_views", "check_num_views"]
 
 #: the views of the dihedral group in the order they are used: (quarter turns, horizontal flip after the turns).
 DIHEDRAL_VIEWS: tuple[tuple[int, bool], ...] = (
@@ -33,6 +34,50 @@ def _view(images: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
 def _unview(maps: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
     out = torch.flip(maps, dims=(-1,)) if flip else maps
     return torch.rot90(out, -turns, dims=(-2, -1)) if turns else out
+
+
+def check_num_views(owner: str, num_views: int) -> int:
+    """``num_views`` as an int, or a ValueError naming ``owner`` when it is not 1 to 8."""
+    if not 1 <= int(num_views) <= len(DIHEDRAL_VIEWS):
+        raise ValueError(f"{owner}: num_views must be 1 to {len(DIHEDRAL_VIEWS)}, got {num_views}")
+    return int(num_views)
+
+
+def average_over_views(
+    owner: str,
+    inputs: torch.Tensor,
+    num_views: int,
+    explain: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean logits and mean attention map over the first ``num_views`` of :data:`DIHEDRAL_VIEWS`.
+
+    Args:
+        owner: the caller's name, for the error message.
+        inputs: (B, C, H, W) images.
+        num_views: views averaged; 90° turns (views 5 to 8) need square inputs.
+        explain: one view's images -> (logits, attention maps on that view's grid).
+
+    Returns:
+        the detached float mean logits and the mean of the maps turned back onto the original image grid.
+
+    Raises:
+        ValueError: when the views include 90° turns and the inputs are not square.
+    """
+    views = DIHEDRAL_VIEWS[:num_views]
+    if inputs.shape[-1] != inputs.shape[-2] and any(turns % 2 for turns, _ in views):
+        raise ValueError(
+            f"{owner}: {num_views} views include 90° turns, which need square inputs; got "
+            f"{tuple(inputs.shape[-2:])} (use num_views <= 4)"
+        )
+    logits_sum: torch.Tensor | None = None
+    cam_sum: torch.Tensor | None = None
+    for turns, flip in views:
+        logits, cam = explain(_view(inputs, turns, flip))
+        logits, cam = logits.detach().float(), _unview(cam.detach(), turns, flip)
+        logits_sum = logits if logits_sum is None else logits_sum + logits
+        cam_sum = cam if cam_sum is None else cam_sum + cam
+    assert logits_sum is not None and cam_sum is not None
+    return logits_sum / len(views), cam_sum / len(views)
 
 
 class TTAGradCamInferer(GradCamInferer):
@@ -61,32 +106,14 @@ class TTAGradCamInferer(GradCamInferer):
         batch_keys: tuple[str, ...] = ("mask", "has_mask"),
     ) -> None:
         super().__init__(target_layer, class_index, cam_key, batch_keys)
-        if not 1 <= int(num_views) <= len(DIHEDRAL_VIEWS):
-            raise ValueError(f"TTAGradCamInferer: num_views must be 1 to {len(DIHEDRAL_VIEWS)}, got {num_views}")
-        self.num_views = int(num_views)
+        self.num_views = check_num_views("TTAGradCamInferer", num_views)
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Mean logits of the views (detached); the mean cam is kept in ``last_cam``."""
-        views = DIHEDRAL_VIEWS[: self.num_views]
-        if inputs.shape[-1] != inputs.shape[-2] and any(turns % 2 for turns, _ in views):
-            raise ValueError(
-                f"TTAGradCamInferer: {self.num_views} views include 90° turns, which need square inputs; got "
-                f"{tuple(inputs.shape[-2:])} (use num_views <= 4)"
-            )
-        logits_sum: torch.Tensor | None = None
-        cam_sum: torch.Tensor | None = None
-        for turns, flip in views:
-            logits, cam = grad_cam(
-                network,
-                _view(inputs, turns, flip),
-                self.target_layer,
-                self.class_index,
-                forward_args=args,
-                forward_kwargs=kwargs,
-            )
-            logits, cam = logits.detach().float(), _unview(cam.detach(), turns, flip)
-            logits_sum = logits if logits_sum is None else logits_sum + logits
-            cam_sum = cam if cam_sum is None else cam_sum + cam
-        assert logits_sum is not None and cam_sum is not None
-        self.last_cam = cam_sum / len(views)
-        return logits_sum / len(views)
+
+        def explain(view: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return grad_cam(network, view, self.target_layer, self.class_index, forward_args=args,
+                            forward_kwargs=kwargs)
+
+        logits, self.last_cam = average_over_views("TTAGradCamInferer", inputs, self.num_views, explain)
+        return logits

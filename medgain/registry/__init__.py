@@ -15,7 +15,7 @@ from medgain.registry.figures import (
 )
 from medgain.registry.gate import GateRule, PromotionRefused, check_gate, load_gate, load_review, promote
 from medgain.registry.package import build_package, parse_model_ref, standalone_inference_config
-from medgain.registry.layouts import DataLayout, DatalistLayout, PatchTableLayout, data_layout
+from medgain.registry.layouts import DataLayout, DatalistLayout, DermoscopyLayout, PatchTableLayout, data_layout
 from medgain.registry.phi import PHI_TAGS, dicom_identifiers, scan_for_identifiers, store_locations
 from medgain.registry.records import FrameRecordWriter
 from medgain.registry.report import render_report
@@ -42,6 +42,7 @@ __all__ = [
     "PHI_TAGS",
     "DataLayout",
     "DatalistLayout",
+    "DermoscopyLayout",
     "PatchTableLayout",
     "REVIEW_BUDGETS",
     "FrameRecordWriter",

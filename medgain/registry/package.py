@@ -6,7 +6,7 @@ Layout of the zip::
     configs/inference.yaml      standalone; verifies the package (initialize) before anything runs
     configs/train.yaml, configs/evaluate.yaml, configs/logging.conf, configs/metadata.json (version bumped)
     models/model.pt             weights, model spec, operating point (torch.load(weights_only=True))
-    models/model.ts             TorchScript export of the network (logits of a [0, 1] RGB batch)
+    models/model.ts             TorchScript export of the network (logits of a [0, 1] RGB batch [, metadata])
     docs/README.md, docs/model_card.md, docs/review_report.html
     requirements.txt            pinned medgain and dependency versions
     wheels/medgain-*.whl        medgain itself (unless left out)
@@ -23,6 +23,7 @@ import hashlib
 import importlib.metadata
 import io
 import json
+import math
 import os
 import re
 import subprocess
@@ -61,13 +62,15 @@ def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
 
 
 def standalone_inference_config(bundle: Path) -> dict[str, Any]:
-    """The bundle's ``inference.yaml`` made to run from the package: it verifies the package first (refusing to
-    run when a file differs, or when ``public_key`` is given and the signature does not verify), and ``run``
-    (the default id of ``python -m monai.bundle run``) does the inference."""
+    """The bundle's ``inference.yaml`` made to run from the package: its model file is the package's
+    ``models/model.pt``, it verifies the package first (refusing to run when a file differs, or when
+    ``public_key`` is given and the signature does not verify), and ``run`` (the default id of
+    ``python -m monai.bundle run``) does the inference."""
     config = yaml.safe_load((bundle / "configs" / "inference.yaml").read_text())
-    for key in ("imports", "initialize", "inference"):
-        if not isinstance(config.get(key), list):
-            raise ValueError(f"{bundle}/configs/inference.yaml: needs an '{key}' list to be packaged")
+    for key in ("imports", "initialize", "inference", "checkpoint"):
+        if key not in config or (key != "checkpoint" and not isinstance(config[key], list)):
+            raise ValueError(f"{bundle}/configs/inference.yaml: needs '{key}' to be packaged")
+    config["checkpoint"] = "$os.path.join(@bundle_root, 'models', 'model.pt')"
     config["imports"] = list(config["imports"]) + ["$import medgain.registry"]
     config["public_key"] = None
     config["verify"] = "$medgain.registry.verify_package(@bundle_root, public_key=@public_key)"
@@ -98,6 +101,14 @@ def _build_wheel(dest: Path) -> Path:
 
 def _model_files(checkpoint_path: Path, name: str, version: str) -> tuple[bytes, bytes]:
     checkpoint = load_checkpoint(checkpoint_path)
+    point = checkpoint.get("operating_point") or {}
+    threshold = point.get("threshold")
+    if threshold is None or not math.isfinite(float(threshold)):
+        raise ValueError(
+            f"{name} version {version}: its model file has no finite operating threshold "
+            f"({point.get('reason', 'none stored')}); a partner package ships the threshold its decisions use. "
+            "Train until validation sets one (more epochs, or more validation positives), then review and package."
+        )
     spec = checkpoint["model_spec"]
     network = build_network(spec)
     load_model_weights(network, checkpoint_path)
@@ -111,7 +122,10 @@ def _model_files(checkpoint_path: Path, name: str, version: str) -> tuple[bytes,
     }
     weights = io.BytesIO()
     torch.save(kept, weights)
-    example = torch.rand(1, spec["in_channels"], *spec["image_size"], generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    example: tuple[torch.Tensor, ...] = (torch.rand(1, spec["in_channels"], *spec["image_size"], generator=generator),)
+    if getattr(network, "num_metadata", 0):  # a fused model: forward(image, metadata)
+        example += (torch.rand(1, network.num_metadata, generator=generator),)
     with torch.no_grad():
         traced = torch.jit.trace(network, example)
     script = io.BytesIO()
@@ -157,7 +171,8 @@ unzip partner_bundle.zip -d bundle && cd bundle
 Inference checks every file of this folder against `manifest.json` (and the signature with `--public_key`) and
 refuses to run when one differs. It writes `OUT/predictions.csv` (file, frame, log-odds score, probability,
 decision at the operating point), heat maps under `OUT/heatmaps/` and `OUT/errors.csv` for unreadable files.
-`models/model.ts` is the TorchScript network (logits of RGB frames in [0, 1] at the input size).
+`models/model.ts` is the TorchScript network (logits of RGB frames in [0, 1] at the input size; a fused model
+also takes the encoded metadata vector, as `models/model.pt`'s spec encodes it).
 
 The model card is `docs/model_card.md`; the review report (figures with confidence intervals, operating points,
 attention gallery) is `docs/review_report.html`{' (alias ' + alias + ')' if alias else ''}.
@@ -188,7 +203,8 @@ def build_package(
         the manifest.
 
     Raises:
-        ValueError: when the version has no review of its own model file, or a key / bundle is unusable.
+        ValueError: when the version has no review of its own model file or no finite operating threshold, or a
+            key / bundle is unusable.
     """
     name, version, alias = parse_model_ref(model)
     client = registry_client(tracking_uri)

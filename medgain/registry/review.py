@@ -6,7 +6,7 @@ A version is reviewable when its run holds ``checkpoint/model.pt`` (written by
 :class:`medgain.handlers.BestModelSaver`) and its ``bundle`` tag names a bundle folder whose
 ``configs/{train,evaluate}.yaml`` define ``validate#evaluator`` (a Grad-CAM evaluator), ``checkpoint``,
 ``split``, ``tracking_uri`` and the data values of its layout (:mod:`medgain.registry.layouts`: a datalist JSON,
-a whole-slide data set folder); the capsule bundle is the template.
+a whole-slide data set folder, a dermoscopy CSV); the capsule bundle is the template.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def model_card(
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     spec, point = checkpoint.get("model_spec", {}), checkpoint.get("operating_point", {})
     trained_on = version.tags.get("data_hash") or run.data.tags.get("data_hash", "unknown")
-    params = {k: v for k, v in run.data.params.items() if k != "dataset_dir"}
+    params = {k: v for k, v in run.data.params.items() if k not in layout.local_params}
     card: dict[str, Any] = {
         "model": version.name,
         "version": str(version.version),
@@ -259,7 +259,9 @@ def review_model(
         name: registered model name.
         version: its version number.
         data: the data in its bundle's layout (:func:`~medgain.registry.layouts.data_layout`): a MONAI datalist
-            JSON (paths relative to its folder) or a whole-slide data set folder (``medgain wsi patches``).
+            JSON (paths relative to its folder), a whole-slide data set folder (``medgain wsi patches``) or a
+            dermoscopy CSV / its folder (the split follows the version's training run, see
+            :meth:`~medgain.registry.layouts.DataLayout.follow`).
         out_dir: output folder (the report, figures and per-model evaluation folders).
         split: data split evaluated.
         against: alias of the model compared with (e.g. ``champion``), evaluated on the same frames.
@@ -283,6 +285,7 @@ def review_model(
     if not bundle_name:
         raise ValueError(f"{name} version {version}: no 'bundle' tag on the version or its run; cannot evaluate it")
     bundle = bundle_folder(bundle_name, bundles_dir)
+    layout.follow(client.get_run(target.run_id).data.params)
     evaluated: dict[str, tuple[ModelVersion, dict[str, Any], RecordArrays, Path]] = {}
     fields: dict[str, list[Any]] = {}
     champion = None

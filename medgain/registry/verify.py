@@ -106,7 +106,7 @@ def verify_package(
         PackageVerificationError: naming the first file that is missing, differs, or is not in the manifest (in
             a zip), or the signature that does not verify.
     """
-    path = Path(package)
+    path = Path(package).absolute()
     if not path.exists():
         raise PackageVerificationError(f"{path}: package not found")
     read, names = _reader(path)

@@ -4,6 +4,7 @@ bootstrap confidence intervals (``medgain study run|report``)."""
 from medgain.study.report import (
     MetricDef,
     RunData,
+    bootstrap_gap_closed,
     bootstrap_mean,
     bootstrap_paired_difference,
     load_runs,
@@ -21,6 +22,7 @@ __all__ = [
     "RunKey",
     "RunOutcome",
     "StudySpec",
+    "bootstrap_gap_closed",
     "bootstrap_mean",
     "bootstrap_paired_difference",
     "default_workers",

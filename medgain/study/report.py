@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from medgain.study.spec import RunKey, StudySpec
 __all__ = [
     "MetricDef",
     "RunData",
+    "bootstrap_gap_closed",
     "bootstrap_mean",
     "bootstrap_paired_difference",
     "load_runs",
@@ -42,7 +44,7 @@ class RunData:
 
     Args:
         key: the run.
-        ids: (N,) sample ids (``file#frame``), in the order of the arrays.
+        ids: (N,) sample ids (``file#frame``, the file relative to the data set), in the order of the arrays.
         scores: (N,) float64 ranking scores (log-odds).
         labels: (N,) 0/1 ground truth as floats.
         decisions: (N,) 0/1 decisions at the stored operating point; NaN where the model has none.
@@ -114,9 +116,10 @@ def _run_metric(name: str) -> Callable[[RunData, np.ndarray], float]:
     return value
 
 
-def study_metrics(split: str = "test") -> list[MetricDef]:
+def study_metrics(split: str = "test", run_metrics: Sequence[str] = ()) -> list[MetricDef]:
     """The report's metrics: AUC, sensitivity at the stored operating point, TPR at FPR 0.05 % / 0.1 % (re-tuned
-    on the split: optimistic), attention IoU and attention-in-mask."""
+    on the split: optimistic), attention IoU and attention-in-mask, then each of ``run_metrics`` (a per-run figure
+    of ``metrics.json`` named without the split prefix, e.g. ``froc``)."""
     return [
         MetricDef("auc", _auc),
         MetricDef("sensitivity", _sensitivity),
@@ -124,22 +127,31 @@ def study_metrics(split: str = "test") -> list[MetricDef]:
         MetricDef("tpr_at_fpr_0.001", _tpr_at(0.001), max_fpr=0.001),
         MetricDef("iou", _run_metric(f"{split}_iou"), per_sample=False),
         MetricDef("attention_in_mask", _run_metric(f"{split}_attention_in_mask"), per_sample=False),
+        *(MetricDef(name, _run_metric(f"{split}_{name}"), per_sample=False) for name in run_metrics),
     ]
 
 
-def _read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+def _read_predictions(path: Path, dataset_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     missing = {"file", "score", "decision", "label"} - set(rows[0] if rows else {})
     if not rows or missing:
         raise ValueError(f"{path}: not an evaluation predictions.csv (no rows, or missing columns {sorted(missing)})")
-    ids = [f"{r['file']}#{r.get('frame', '')}" for r in rows]
+    ids = [f"{_relative(r['file'], dataset_dir)}#{r.get('frame', '')}" for r in rows]
     scores = np.array([float(r["score"]) for r in rows], dtype=np.float64)
     labels = np.array([float(int(r["label"]) != 0) for r in rows])
     decisions = np.array([float(r["decision"]) if r["decision"] != "" else math.nan for r in rows])
     if not np.isfinite(scores).all():
         raise ValueError(f"{path}: non-finite scores")
     return ids, scores, labels, decisions
+
+
+def _relative(file: str, dataset_dir: Path) -> str:
+    """A sample's file relative to its run's data set, so runs on data sets of their own pair by file name."""
+    try:
+        return Path(os.path.abspath(file)).relative_to(os.path.abspath(dataset_dir)).as_posix()
+    except ValueError:
+        return file
 
 
 def load_runs(spec: StudySpec) -> dict[str, list[RunData]]:
@@ -155,7 +167,8 @@ def load_runs(spec: StudySpec) -> dict[str, list[RunData]]:
         if not result_path.is_file():
             continue
         result = json.loads(result_path.read_text())
-        ids, scores, labels, decisions = _read_predictions(folder / result["predictions"])
+        ids, scores, labels, decisions = _read_predictions(folder / result["predictions"],
+                                                           spec.dataset_dir(key.data_seed, key.config))
         out[key.config].append(RunData(key, ids, scores, labels, decisions, result["metrics"]))
     return out
 
@@ -193,19 +206,36 @@ def bootstrap_mean(
     return (float(np.nanmean(point)), *_percentiles(replicates, confidence))
 
 
-def _pairs(runs: Sequence[RunData], reference: Sequence[RunData]) -> list[tuple[RunData, RunData, np.ndarray]]:
-    """Runs matched on (data seed, seed), with the reference's sample order mapped onto the run's."""
-    by_key = {(r.key.data_seed, r.key.seed): r for r in reference}
-    pairs = []
+def _matched(runs: Sequence[RunData], *others: Sequence[RunData]) -> list[tuple[RunData, list[tuple[RunData, np.ndarray]]]]:
+    """Each run with its counterpart in every other configuration (same data seed and seed) and the position of
+    the run's samples in the counterpart's; runs lacking a counterpart are left out."""
+    by_key = [{(r.key.data_seed, r.key.seed): r for r in group} for group in others]
+    matched = []
     for run in runs:
-        other = by_key.get((run.key.data_seed, run.key.seed))
-        if other is None:
+        counterparts = [group.get((run.key.data_seed, run.key.seed)) for group in by_key]
+        if any(c is None for c in counterparts):
             continue
-        position = {sample: i for i, sample in enumerate(other.ids)}
-        if set(position) != set(run.ids):
-            raise ValueError(f"runs {run.key.folder} and {other.key.folder} were evaluated on different samples")
-        pairs.append((run, other, np.array([position[s] for s in run.ids])))
-    return pairs
+        aligned = []
+        for other in counterparts:
+            position = {sample: i for i, sample in enumerate(other.ids)}
+            if set(position) != set(run.ids):
+                raise ValueError(f"runs {run.key.folder} and {other.key.folder} were evaluated on different samples")
+            aligned.append((other, np.array([position[s] for s in run.ids])))
+        matched.append((run, aligned))
+    return matched
+
+
+def _matched_values(
+    rng: np.random.Generator | None, run: RunData, aligned: list[tuple[RunData, np.ndarray]], metric: MetricDef
+) -> list[float]:
+    """The metric of a run and of its counterparts under one draw of the run's samples (all ones without rng)."""
+    w = _draw(rng, run.labels.size, metric.per_sample) if rng is not None else np.ones(run.labels.size)
+    values = [metric.value(run, w)]
+    for other, order in aligned:
+        w_other = np.empty_like(w)
+        w_other[order] = w
+        values.append(metric.value(other, w_other))
+    return values
 
 
 def bootstrap_paired_difference(
@@ -225,23 +255,59 @@ def bootstrap_paired_difference(
     Raises:
         ValueError: when paired runs were evaluated on different samples.
     """
-    pairs = _pairs(runs, reference)
+    pairs = _matched(runs, reference)
     if not pairs:
         return math.nan, math.nan, math.nan, 0
-    point = [metric.value(a, np.ones(a.labels.size)) - metric.value(b, np.ones(b.labels.size)) for a, b, _ in pairs]
+    point = [a - b for a, b in (_matched_values(None, run, aligned, metric) for run, aligned in pairs)]
     rng = np.random.default_rng(seed)
     replicates = np.empty(n_bootstrap)
     for k in range(n_bootstrap):
-        values = []
-        for i in rng.integers(0, len(pairs), len(pairs)):
-            a, b, order = pairs[i]
-            w = _draw(rng, a.labels.size, metric.per_sample)
-            w_ref = np.empty_like(w)
-            w_ref[order] = w
-            values.append(metric.value(a, w) - metric.value(b, w_ref))
+        values = [a - b for a, b in (_matched_values(rng, *pairs[i], metric)
+                                     for i in rng.integers(0, len(pairs), len(pairs)))]
         replicates[k] = np.nanmean(values) if np.isfinite(values).any() else math.nan
     mean = float(np.nanmean(point)) if np.isfinite(point).any() else math.nan
     return (mean, *_percentiles(replicates, confidence), len(pairs))
+
+
+def _gap_fraction(triples: list[list[float]]) -> float:
+    """(mean(run) - mean(gap start)) / (mean(gap end) - mean(gap start)) over matched triples; NaN for no gap."""
+    values = np.asarray(triples, dtype=np.float64)
+    values = values[np.isfinite(values).all(axis=1)]
+    if values.size == 0:
+        return math.nan
+    run, start, end = values.mean(axis=0)
+    return float((run - start) / (end - start)) if end != start else math.nan
+
+
+def bootstrap_gap_closed(
+    runs: Sequence[RunData],
+    start: Sequence[RunData],
+    end: Sequence[RunData],
+    metric: MetricDef,
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float, int]:
+    """The fraction of the gap between two configurations that a third closes, ``(m - m_start) / (m_end -
+    m_start)`` of the means over runs sharing (data seed, seed) (e.g. GAIN between a shortcut-trained plain model
+    and one trained on clean data: 0 = no better than the plain model, 1 = as good as clean training), with a
+    bootstrap CI drawing the same runs and test samples for all three.
+
+    Returns:
+        ``(fraction, low, high, n_matched)``; NaN without matched runs.
+
+    Raises:
+        ValueError: when matched runs were evaluated on different samples.
+    """
+    triples = _matched(runs, start, end)
+    if not triples:
+        return math.nan, math.nan, math.nan, 0
+    point = _gap_fraction([_matched_values(None, run, aligned, metric) for run, aligned in triples])
+    rng = np.random.default_rng(seed)
+    replicates = np.array([
+        _gap_fraction([_matched_values(rng, *triples[i], metric) for i in rng.integers(0, len(triples), len(triples))])
+        for _ in range(n_bootstrap)])
+    return (point, *_percentiles(replicates, confidence), len(triples))
 
 
 def _note(runs: Sequence[RunData], metric: MetricDef) -> str:
@@ -267,7 +333,7 @@ def _plots(spec: StudySpec, runs: dict[str, list[RunData]], rows: list[dict[str,
 
     written = []
     configs = [c for c in spec.configs if runs[c]]
-    for metric in study_metrics(spec.split):
+    for metric in study_metrics(spec.split, spec.run_metrics):
         summary = {r["config"]: r for r in rows if r["metric"] == metric.name}
         if all(not math.isfinite(summary[c]["mean"]) for c in configs):
             continue
@@ -340,7 +406,7 @@ def write_report(
     runs = load_runs(spec)
     if not any(runs.values()):
         raise RuntimeError(f"study {spec.path}: no finished run under {spec.output_dir / 'runs'}; run it first")
-    metrics = study_metrics(spec.split)
+    metrics = study_metrics(spec.split, spec.run_metrics)
     summary, differences, per_run = [], [], []
     for config, config_runs in runs.items():
         for run in config_runs:
@@ -362,15 +428,38 @@ def write_report(
                     config_runs, runs[spec.reference], metric, n_bootstrap, confidence, seed)
                 differences.append({"config": config, "reference": spec.reference, "metric": metric.name,
                                     "pairs": n, "difference": diff, "ci_low": d_low, "ci_high": d_high})
+    gaps = _gaps(spec, runs, metrics, n_bootstrap, confidence, seed)
     _write_csv(out / "summary.csv", summary)
     _write_csv(out / "runs.csv", per_run)
     if differences:
         _write_csv(out / "differences.csv", differences)
+    if gaps:
+        _write_csv(out / "gap.csv", gaps)
     plots = _plots(spec, runs, summary, out)
     markdown = out / "study.md"
-    markdown.write_text(_markdown(spec, runs, summary, differences, plots, n_bootstrap, confidence))
+    markdown.write_text(_markdown(spec, runs, summary, differences, gaps, plots, n_bootstrap, confidence))
     _log_report(spec, out)
     return markdown
+
+
+def _gaps(spec: StudySpec, runs: dict[str, list[RunData]], metrics: list[MetricDef], n_bootstrap: int,
+          confidence: float, seed: int) -> list[dict[str, Any]]:
+    """With ``gap: [start, end]``: the fraction of that gap each other configuration closes, per metric."""
+    if spec.gap is None:
+        return []
+    start, end = spec.gap
+    rows = []
+    for config, config_runs in runs.items():
+        if config in (start, end) or not config_runs or not runs[start] or not runs[end]:
+            continue
+        for metric in metrics:
+            if _note(config_runs, metric).startswith("n/a"):
+                continue
+            fraction, low, high, n = bootstrap_gap_closed(config_runs, runs[start], runs[end], metric,
+                                                          n_bootstrap, confidence, seed)
+            rows.append({"config": config, "start": start, "end": end, "metric": metric.name, "matched": n,
+                         "fraction": fraction, "ci_low": low, "ci_high": high})
+    return rows
 
 
 def metric_value(metric: MetricDef, run: RunData) -> float:
@@ -383,11 +472,12 @@ def _markdown(
     runs: dict[str, list[RunData]],
     summary: list[dict[str, Any]],
     differences: list[dict[str, Any]],
+    gaps: list[dict[str, Any]],
     plots: list[Path],
     n_bootstrap: int,
     confidence: float,
 ) -> str:
-    names = [m.name for m in study_metrics(spec.split)]
+    names = [m.name for m in study_metrics(spec.split, spec.run_metrics)]
     level = f"{confidence:.0%}"
     lines = [
         f"# Study `{spec.name}`",
@@ -406,7 +496,7 @@ def _markdown(
             row = next(r for r in summary if r["config"] == config and r["metric"] == name)
             cells.append(_fmt(row["mean"]) if not math.isfinite(row["ci_low"])
                          else f"{_fmt(row['mean'])} [{_fmt(row['ci_low'])}, {_fmt(row['ci_high'])}]")
-            if row["note"]:
+            if row["note"] and runs[config]:  # a configuration without runs shows 0 runs, not a note
                 notes.setdefault(name, row["note"])
         lines.append(f"| `{config}` | {len(runs[config])} | " + " | ".join(cells) + " |")
     if notes:
@@ -423,9 +513,22 @@ def _markdown(
                      if n in rows and math.isfinite(rows[n]["difference"]) else "n/a" for n in names]
             pairs = max(r["pairs"] for r in rows.values())
             lines.append(f"| `{config}` | {pairs} | " + " | ".join(cells) + " |")
+    if gaps:
+        start, end = gaps[0]["start"], gaps[0]["end"]
+        lines += ["", f"## Fraction of the gap from `{start}` (0) to `{end}` (1) closed ({level} CI)", "",
+                  "| configuration | runs | " + " | ".join(names) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
+        for config in spec.configs:
+            rows = {r["metric"]: r for r in gaps if r["config"] == config}
+            if rows:
+                cells = [f"{_fmt(rows[n]['fraction'])} [{_fmt(rows[n]['ci_low'])}, {_fmt(rows[n]['ci_high'])}]"
+                         if n in rows and math.isfinite(rows[n]["fraction"]) else "n/a" for n in names]
+                lines.append(f"| `{config}` | {max(r['matched'] for r in rows.values())} | " + " | ".join(cells)
+                             + " |")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
-    lines += ["", "Per-run figures: `runs.csv`; these tables as CSV: `summary.csv`, `differences.csv`.", ""]
+    lines += ["", "Per-run figures: `runs.csv`; these tables as CSV: `summary.csv`, `differences.csv`"
+              + (", `gap.csv`" if gaps else "") + ".", ""]
     return "\n".join(lines)
 
 

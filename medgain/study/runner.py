@@ -47,7 +47,7 @@ def default_workers() -> int:
 
 
 def prepare_data(spec: StudySpec) -> None:
-    """Generate each data seed's synthetic data set once (written to a temporary folder, then renamed).
+    """Generate each data set of the grid (per data seed, and per configuration with its own data options) once (written to a temporary folder, then renamed).
 
     Raises:
         FileNotFoundError: when a fixed ``dataset_dir`` does not exist.
@@ -57,8 +57,7 @@ def prepare_data(spec: StudySpec) -> None:
         if not Path(spec.data["dataset_dir"]).is_dir():
             raise FileNotFoundError(f"study {spec.path}: dataset_dir does not exist: {spec.data['dataset_dir']}")
         return
-    for data_seed in spec.data_seeds:
-        target = spec.dataset_dir(data_seed)
+    for target, (data_seed, args) in spec.data_sets().items():
         if target.is_dir():
             continue
         partial = target.with_name(target.name + ".partial")
@@ -66,7 +65,7 @@ def prepare_data(spec: StudySpec) -> None:
         partial.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "medgain.cli", "synth", str(spec.data["synth"]), "--out", str(partial),
                    "--seed", str(data_seed)]
-        for name, value in (spec.data.get("args") or {}).items():
+        for name, value in args.items():
             flag = f"--{str(name).replace('_', '-')}"
             if value is True:
                 command.append(flag)

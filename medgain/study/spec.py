@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -15,7 +17,7 @@ __all__ = ["RunKey", "StudySpec", "load_study"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _KEYS = {
     "name", "bundle", "output_dir", "tracking_uri", "data", "seeds", "data_seeds", "train", "evaluate", "configs",
-    "reference", "x_axis", "train_configs", "evaluate_configs", "workers", "split", "evaluation_outputs",
+    "reference", "gap", "x_axis", "run_metrics", "train_configs", "evaluate_configs", "workers", "split", "evaluation_outputs",
 }
 
 
@@ -54,7 +56,14 @@ class StudySpec:
         train: overrides of every training run.
         evaluate: overrides of every evaluation run.
         configs: configuration name → its overrides of the training run.
+        config_data: configuration name → options of ``medgain synth`` that differ from ``data.args`` for it
+            (e.g. a model trained on unconfounded data); such a configuration gets a data set of its own per data
+            seed. Its runs are still paired with the others by test sample (file names relative to the data set).
         reference: the configuration the others are compared with.
+        gap: ``(start, end)``: two configurations (e.g. a model trained on confounded data and one trained on clean
+            data); the report gives the fraction of the gap between them each other configuration closes.
+        run_metrics: further per-run figures of the evaluation's ``metrics.json`` to report, named without the
+            split prefix (e.g. ``[froc, slide_auc]`` for the whole-slide bundle); their CI is over runs.
         x_axis: an override plotted on the x axis (e.g. ``masks_fraction``), or None.
         train_configs: bundle config files of training.
         evaluate_configs: bundle config files of evaluation (merged in order).
@@ -82,16 +91,32 @@ class StudySpec:
     workers: int | None = None
     split: str = "test"
     evaluation_outputs: str = "outputs/evaluation"
+    config_data: dict[str, dict[str, Any]] = field(default_factory=dict)
+    gap: tuple[str, str] | None = None
+    run_metrics: list[str] = field(default_factory=list)
 
     def runs(self) -> list[RunKey]:
         """Every run of the grid, configuration by configuration."""
         return [RunKey(c, d, s) for c in self.configs for d in self.data_seeds for s in self.seeds]
 
-    def dataset_dir(self, data_seed: int) -> Path:
-        """The data set of a data seed."""
+    def synth_args(self, config: str | None = None) -> dict[str, Any]:
+        """The ``medgain synth`` options of a configuration's data set (the study's, then the configuration's)."""
+        return {**(self.data.get("args") or {}), **self.config_data.get(config or "", {})}
+
+    def dataset_dir(self, data_seed: int, config: str | None = None) -> Path:
+        """The data set of a data seed (for ``config``: its own when it changes the data options)."""
         if "dataset_dir" in self.data:
             return Path(self.data["dataset_dir"])
-        return self.output_dir / "data" / f"d{data_seed}"
+        own = self.config_data.get(config or "")
+        if not own:
+            return self.output_dir / "data" / f"d{data_seed}"
+        digest = hashlib.sha256(json.dumps(self.synth_args(config), sort_keys=True).encode()).hexdigest()[:8]
+        return self.output_dir / "data" / f"d{data_seed}_{digest}"
+
+    def data_sets(self) -> dict[Path, tuple[int, dict[str, Any]]]:
+        """Every data set the grid needs: its folder → (data seed, ``medgain synth`` options)."""
+        return {self.dataset_dir(k.data_seed, k.config): (k.data_seed, self.synth_args(k.config))
+                for k in self.runs()}
 
     def run_dir(self, key: RunKey) -> Path:
         """The bundle root of a run."""
@@ -103,7 +128,7 @@ class StudySpec:
             **self.train,
             **self.configs[key.config],
             "seed": key.seed,
-            "dataset_dir": str(self.dataset_dir(key.data_seed)),
+            "dataset_dir": str(self.dataset_dir(key.data_seed, key.config)),
             "tracking_uri": self.tracking_uri,
             "experiment_name": self.name,
             "run_name": key.run_name("train"),
@@ -189,9 +214,20 @@ def load_study(path: str | os.PathLike) -> StudySpec:
         reserved = {"seed", "dataset_dir", "tracking_uri", "experiment_name", "run_name"} & set(overrides or {})
         if reserved:
             _fail(path, f"configuration {config!r} sets {sorted(reserved)}, which the study sets per run")
+        own_data = (overrides or {}).get("data")
+        if own_data is not None and (not isinstance(own_data, dict) or "synth" not in data):
+            _fail(path, f"configuration {config!r}: 'data' must be a mapping of `medgain synth` options, and needs "
+                        "the study's 'data: {synth: ...}'")
     reference = str(raw.get("reference", next(iter(configs))))
     if reference not in configs:
         _fail(path, f"'reference' {reference!r} is not one of the configurations {list(configs)}")
+    gap = raw.get("gap")
+    if gap is not None and (not isinstance(gap, list) or len(gap) != 2 or len(set(gap)) != 2
+                            or not set(gap) <= set(configs)):
+        _fail(path, f"'gap' must name two different configurations of {list(configs)}, got {gap!r}")
+    run_metrics = raw.get("run_metrics", [])
+    if not isinstance(run_metrics, list) or not all(isinstance(m, str) and _NAME.match(m) for m in run_metrics):
+        _fail(path, f"'run_metrics' must be a list of metric names (without the split prefix), got {run_metrics!r}")
     workers = raw.get("workers")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         _fail(path, f"'workers' must be a positive integer, got {workers!r}")
@@ -205,11 +241,14 @@ def load_study(path: str | os.PathLike) -> StudySpec:
         data=data,
         seeds=_seeds(path, raw, "seeds", [0]),
         data_seeds=_seeds(path, raw, "data_seeds", [0]),
-        configs={str(c): dict(o or {}) for c, o in configs.items()},
+        configs={str(c): {k: v for k, v in (o or {}).items() if k != "data"} for c, o in configs.items()},
+        config_data={str(c): dict(o["data"]) for c, o in configs.items() if (o or {}).get("data")},
         reference=reference,
         train=_mapping(path, raw, "train"),
         evaluate=_mapping(path, raw, "evaluate"),
         x_axis=raw.get("x_axis"),
+        gap=(str(gap[0]), str(gap[1])) if gap else None,
+        run_metrics=list(run_metrics),
         train_configs=list(raw.get("train_configs", ["train.yaml"])),
         evaluate_configs=list(raw.get("evaluate_configs", ["train.yaml", "evaluate.yaml"])),
         workers=workers,

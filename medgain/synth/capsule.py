@@ -597,6 +597,7 @@ def _check_args(
     shortcut_rate: float,
     frames_per_study: int,
     split_fractions: Sequence[float],
+    shortcut_splits: Sequence[str] = SPLITS,
 ) -> None:
     for name, value, low in (("n_frames", n_frames, 1), ("frames_per_study", frames_per_study, 1)):
         _check_int(name, value, low)
@@ -610,6 +611,9 @@ def _check_args(
             f"split_fractions must be {len(SPLITS)} non-negative numbers summing to 1 "
             f"({', '.join(SPLITS)}), got {split_fractions!r}."
         )
+    unknown = sorted(set(shortcut_splits) - set(SPLITS))
+    if unknown or not shortcut_splits:
+        raise ValueError(f"shortcut_splits must name some of {', '.join(SPLITS)}, got {list(shortcut_splits)!r}.")
 
 
 def make_capsule_dataset(
@@ -623,6 +627,7 @@ def make_capsule_dataset(
     frames_per_study: int = 20,
     split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
     lesions_per_frame: tuple[int, int] | None = None,
+    shortcut_splits: Sequence[str] = SPLITS,
 ) -> Path:
     """Write a synthetic capsule-endoscopy data set and its MONAI datalist.
 
@@ -651,6 +656,8 @@ def make_capsule_dataset(
         prevalence: fraction of frames that contain lesions.
         shortcut_rate: fraction of the positive frames that also carry a white "L" marker in the top-left
             corner, a confounder unrelated to the lesion.
+        shortcut_splits: the splits whose positives may carry the marker; e.g. ``("training", "validation")``
+            confounds the data a model learns from while its test split stays clean (a shortcut study).
         dicom: write frames as DICOM VL Endoscopic Image Storage instead of PNG.
         frames_per_study: frames per synthetic study (the last study may be shorter).
         split_fractions: fractions of studies for the training, validation and test splits.
@@ -663,7 +670,7 @@ def make_capsule_dataset(
     Raises:
         ValueError: for an invalid argument, or when ``out_dir`` exists and is not a directory.
     """
-    _check_args(n_frames, seed, size, prevalence, shortcut_rate, frames_per_study, split_fractions)
+    _check_args(n_frames, seed, size, prevalence, shortcut_rate, frames_per_study, split_fractions, shortcut_splits)
     if lesions_per_frame is not None:
         _check_lesion_count(lesions_per_frame)
         lesions_per_frame = (int(lesions_per_frame[0]), int(lesions_per_frame[1]))
@@ -677,7 +684,8 @@ def make_capsule_dataset(
 
     plan_rng = np.random.default_rng([seed, _STREAM_PLAN])
     study_split, positive = _plan(n_frames, frames_per_study, prevalence, split_fractions, plan_rng)
-    positives = np.flatnonzero(positive)
+    in_shortcut_split = np.isin(np.asarray(study_split)[np.arange(n_frames) // frames_per_study], list(shortcut_splits))
+    positives = np.flatnonzero(positive & in_shortcut_split)
     shortcut = np.zeros(n_frames, bool)
     shortcut_rng = np.random.default_rng([seed, _STREAM_SHORTCUT])
     n_shortcuts = int(np.floor(len(positives) * shortcut_rate + 0.5))
@@ -719,6 +727,7 @@ def make_capsule_dataset(
         "size": int(size),
         "prevalence": float(prevalence),
         "shortcut_rate": float(shortcut_rate),
+        "shortcut_splits": [s for s in SPLITS if s in shortcut_splits],
         "dicom": bool(dicom),
         "frames_per_study": int(frames_per_study),
         "split_fractions": [float(f) for f in split_fractions],

@@ -17,6 +17,7 @@ from medgain.wsi.inference import (
     SlideInferer,
     SlideMaps,
     collect_slide_scores,
+    output_id,
     run_inference,
     write_slide_outputs,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "read_annotations",
     "read_patch_table",
     "read_slide_labels",
+    "output_id",
     "run_inference",
     "scan_slides",
     "slide_tissue_mask",

@@ -15,6 +15,7 @@ import numpy as np
 
 from medgain.metrics import CAMELYON_FP_RATES, froc, lesion_regions, slide_auc
 from medgain.wsi.annotations import read_annotations, tumour_mask
+from medgain.wsi.inference import output_id
 
 __all__ = ["evaluate_inference", "read_slide_labels"]
 
@@ -67,7 +68,8 @@ def evaluate_inference(
 
     Args:
         out_dir: the folder of :func:`~medgain.wsi.run_inference`.
-        slides: rows with ``slide`` (id), ``label`` (0/1) and ``annotation`` (path or "").
+        slides: rows with ``slide`` (id), ``label`` (0/1) and ``annotation`` (path or ""); with ``image`` (the slide
+            file) the outputs are found by its file name, which need not be the slide id.
         mask_downsample: level-0 pixels per pixel of the rasterised tumour masks.
         fp_rates, dilation_um, itc_um: see :func:`medgain.metrics.froc`.
 
@@ -83,7 +85,8 @@ def evaluate_inference(
     scores, labels, dets, masks, mpps, names = [], [], [], [], [], []
     missing = 0
     for row in slides:
-        record_path = out / str(row["slide"]) / "slide.json"
+        folder = out / (output_id(row["image"]) if row.get("image") else str(row["slide"]))
+        record_path = folder / "slide.json"
         if not record_path.is_file():
             missing += 1
             continue
@@ -93,7 +96,7 @@ def evaluate_inference(
         annotation = row.get("annotation") or ""
         if int(row["label"]) == 1 and not annotation:
             continue
-        with (out / str(row["slide"]) / "lesions.csv").open(newline="") as fh:
+        with (folder / "lesions.csv").open(newline="") as fh:
             dets.append(
                 np.array([[float(r["x"]), float(r["y"]), float(r["log_odds"])] for r in csv.DictReader(fh)]).reshape(
                     -1, 3

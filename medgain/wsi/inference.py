@@ -437,6 +437,11 @@ def _write_errors(path: Path, rows: list[dict[str, str]]) -> None:
     os.replace(tmp, path)
 
 
+def output_id(slide: str | os.PathLike) -> str:
+    """The id of a slide file's output folder in :func:`run_inference`: its file name without suffixes."""
+    return Path(slide).name.split(".")[0]
+
+
 def run_inference(
     slides: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -467,7 +472,7 @@ def run_inference(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     paths = [Path(p) for p in slides]
-    ids = [p.name.split(".")[0] for p in paths]
+    ids = [output_id(p) for p in paths]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
         raise ValueError(f"slide ids must be unique, these repeat: {dupes}")
