@@ -60,6 +60,7 @@ def train(argv: list[str]) -> None:
     parser.add_argument("--raise-rank", type=int, default=-1, help="under torchrun: this rank raises at iteration 3")
     parser.add_argument("--offline-timeout", type=float, default=10.0)
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # as the child processes (OMP_NUM_THREADS=1): bit-identical runs in or out of process
     distributed = "RANK" in os.environ
     if distributed:
         torch.distributed.init_process_group("gloo")

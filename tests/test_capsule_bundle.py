@@ -37,7 +37,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("bundle_root")
-    bundle_run("training", ["train.yaml"], bundle_root=root, dataset_dir=dataset, max_epochs=2, **TINY)
+    bundle_run("training", ["train.yaml"], bundle_root=root, dataset_dir=dataset, max_epochs=2, am_weight=1.0,
+               **TINY)  # attention mining is off by default; the bundle still has to train with it
     return root
 
 
