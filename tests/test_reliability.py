@@ -342,11 +342,9 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path, m
         if folder is not None:  # a real full disk: fill the tmpfs, then save into it
             saver.save_dir = folder
             (folder / "checkpoint_epoch=1.pt").write_bytes(previous)
-            try:
-                with open(folder / "filler", "wb") as f:
-                    f.write(b"\0" * (256 * 1024 - len(previous)))
-            except OSError:  # the filler itself hit the full disk, which is the state wanted
-                pass
+            # the filler itself may hit the full disk, which is the state wanted
+            with contextlib.suppress(OSError), open(folder / "filler", "wb") as f:
+                f.write(b"\0" * (256 * 1024 - len(previous)))
         else:
             def no_space(obj: object, f: object) -> None:
                 f.write(b"partial")

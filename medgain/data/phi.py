@@ -9,6 +9,7 @@ holds the data can map a pseudonym back to its frame (:func:`frame_ref` of each 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -38,9 +39,8 @@ def phi_salt() -> bytes:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32) + "\n")
         try:
-            os.link(tmp, path)
-        except FileExistsError:  # another process linked its salt first: use that one (read below)
-            pass
+            with contextlib.suppress(FileExistsError):  # another process linked its salt first: read that one below
+                os.link(tmp, path)
         finally:
             tmp.unlink()
     salt = path.read_text().strip()
