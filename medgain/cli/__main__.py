@@ -1,0 +1,5 @@
+"""``python -m medgain.cli``."""
+
+from medgain.cli import main
+
+raise SystemExit(main())
