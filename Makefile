@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
 
-.PHONY: demo demo-glimpse demo-wsi demo-dermoscopy test bench clean
+.PHONY: demo demo-glimpse demo-wsi demo-dermoscopy test bench gpu-check clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "medgain needs $(PYTHON) on PATH (set PYTHON=...)"; exit 1; }
@@ -19,6 +19,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -p no:cacheprovider tests
+
+# the absolute `mlflow ui` command of a demo's store, as medgain.tracking.ui_command prints it: one server
+# (one web worker, no job consumers), so that Ctrl+C stops all of it
+print_ui = echo "browse the runs (model-training view):"; \
+	echo "  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(abspath $(BIN))/mlflow ui --backend-store-uri \
+	sqlite:///$(abspath $(1)) --host 127.0.0.1 --port 5000 --workers 1"; \
+	echo "  then open http://127.0.0.1:5000/\#/experiments?workflowType=machine_learning"
 
 demo: $(STAMP)
 	$(BIN)/python -m medgain.cli demo --out $(DEMO_DIR)
@@ -36,6 +43,7 @@ demo-glimpse: $(STAMP)
 	OMP_NUM_THREADS=1 $(GLIMPSE_RUN) --run_id evaluate \
 		--config_file "['$(GLIMPSE_BUNDLE)/configs/train.yaml','$(GLIMPSE_BUNDLE)/configs/evaluate.yaml']"
 	cat $(GLIMPSE_DIR)/outputs/evaluation/metrics.json
+	@$(call print_ui,$(GLIMPSE_DIR)/outputs/mlflow.db)
 
 # whole-slide patches (small_cnn, 64-px patches at level 1): synthetic slides, patch tables, GAIN training,
 # patch + slide evaluation (slide AUC, FROC, heat maps). Validated once, after the last epoch: the synthetic
@@ -54,8 +62,7 @@ demo-wsi: $(STAMP)
 	$(WSI_RUN) --run_id evaluate --config_file "['$(WSI_BUNDLE)/configs/train.yaml','$(WSI_BUNDLE)/configs/evaluate.yaml']"
 	cat $(WSI_DIR)/run/outputs/evaluation/metrics.json
 	@echo "slide maps, overlays, lesions: $(WSI_DIR)/run/outputs/evaluation/slides/"
-	@echo "browse the runs: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(abspath $(WSI_DIR))/run/outputs/mlflow.db --host 127.0.0.1 --port 5000"
-	@echo "then open http://127.0.0.1:5000/#/experiments?workflowType=machine_learning"
+	@$(call print_ui,$(WSI_DIR)/run/outputs/mlflow.db)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/gradcam.py
@@ -63,6 +70,13 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/saliency.py
 	$(BIN)/python benchmarks/wsi_inference.py
 	$(BIN)/python benchmarks/study_inference.py
+
+# on a CUDA machine: each bundle's training (AMP) -> evaluation -> inference on tiny synthetic data, and the
+# benchmarks' CUDA paths, in <= 8 minutes; figures in $(GPU_CHECK_DIR)/gpu_check.json and .md. Without CUDA it
+# says so and exits 0 (docs/benchmarks.md, "GPU check").
+GPU_CHECK_DIR ?= gpu_check
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --out $(GPU_CHECK_DIR)
 
 # dermoscopy attention-crop pipeline (small_cnn at 64 px, 3 folds): synthetic ISIC-style data, full-image model,
 # attention crops of the originals, crop model, ensemble weighted on out-of-fold predictions
@@ -72,6 +86,7 @@ demo-dermoscopy: $(STAMP)
 		--prevalence 0.2 --images-per-patient 3 --min-size 160 --max-size 320
 	OMP_NUM_THREADS=1 $(BIN)/medgain pipeline attention-crop --config pipelines/attention_crop/demo.yaml \
 		--dataset-dir $(DERMOSCOPY_DIR)/data --output-dir $(DERMOSCOPY_DIR)/pipeline
+	@$(call print_ui,$(DERMOSCOPY_DIR)/pipeline/mlflow.db)
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) $(GLIMPSE_DIR) $(WSI_DIR) $(DERMOSCOPY_DIR)
+	rm -rf $(VENV) $(DEMO_DIR) $(GLIMPSE_DIR) $(WSI_DIR) $(DERMOSCOPY_DIR) $(GPU_CHECK_DIR)

@@ -81,8 +81,10 @@ def run_capsule_demo(
 
     Returns:
         the test metrics (``out/run/outputs/evaluation/metrics.json``), the notes on figures the test split cannot
-        resolve, ``tracking_uri`` and the paths.
+        resolve, the model file's ``operating_point`` (with its ``statement`` in words), ``tracking_uri`` and the
+        paths.
     """
+    from medgain.model_file import load_operating_point
     from medgain.synth.capsule import make_capsule_dataset
 
     out = Path(out).resolve()
@@ -97,6 +99,7 @@ def run_capsule_demo(
     return {
         "metrics": json.loads((evaluation / "metrics.json").read_text()),
         "notes": json.loads(notes_file.read_text()) if notes_file.is_file() else {},
+        "operating_point": load_operating_point(root / "models" / "model.pt"),
         "tracking_uri": f"sqlite:///{root / 'outputs' / 'mlflow.db'}",
         "checkpoint": str(root / "models" / "model.pt"),
         "evaluation": str(evaluation),

@@ -5,17 +5,22 @@ A medgain checkpoint (written by :class:`medgain.handlers.BestModelSaver`) is a 
 
     {"model": state dict,
      "model_spec": {"network", "num_classes", "in_channels", "image_size", "target_layer", "normalization",
-                    "class_names"},
+                    "class_names", "bundle", "modality", ... (see ModelSpec)},
      "operating_point": {"threshold", "probability", "max_fpr", "metric", "value"} (or "reason" instead of a
-                         threshold),
+                         threshold), with what it is worth: "negatives", "positives", "false_alarms" (validation
+                         counts at the threshold), "fpr_upper" (one-sided 95 % Clopper-Pearson upper bound of the
+                         false-alarm rate), "confidence", "unit" and "statement" (the same in words),
      "epoch": int, "metrics": {name: float}, "provenance": {"run_id", "model_name", "model_version"}}
 
 The threshold is on the log-odds of being ill (:func:`medgain.metrics.positive_score`); it is ``None`` when
-validation gave no finite operating point (then no decision may be taken with the model).
+validation gave no finite operating point (then no decision may be taken with the model). Model files written
+before the counts were stored lack them; their statement says that the bound is unknown.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +31,15 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from medgain.networks import TARGET_LAYERS, ChipNet, FusionClassifier, RecurrentGlimpseNetwork, build_classifier
+from medgain.metrics.confidence import operating_point_words
+from medgain.networks import (
+    TARGET_LAYERS,
+    ChipNet,
+    FusionClassifier,
+    GlimpseLogitsNetwork,
+    RecurrentGlimpseNetwork,
+    build_classifier,
+)
 
 __all__ = [
     "ARCHITECTURES",
@@ -45,6 +58,8 @@ __all__ = [
     "spec_from_config",
     "unwrap",
 ]
+
+logger = logging.getLogger(__name__)
 
 _DDP_PREFIX = "module."
 #: model architectures a spec can describe, with the prefix of their backbone's layer names.
@@ -79,9 +94,15 @@ class ModelSpec:
             of what the network learned), or None.
         glimpse: for "glimpse": the keyword arguments of :class:`~medgain.networks.RecurrentGlimpseNetwork`
             besides the encoder, classes and channels (glimpses, sizes, scales, ...).
+        bundle: the bundle (task) that trained the model, e.g. "capsule_endoscopy_gain"; evaluation and
+            inference of another bundle refuse it (:func:`load_model_spec`). "" in model files written before
+            it was recorded.
+        modality: the imaging modality of that task (the ``modality`` of the bundle's ``metadata.json``).
+        mpp: for whole-slide patch models: microns per pixel of the patches the model was trained on (the
+            slides' resolution at ``level``), or None when unknown.
 
-    The last five fields are left out of :meth:`as_dict` at their defaults, so plain classifiers' specs keep
-    their original form.
+    The fields after ``class_names`` are left out of :meth:`as_dict` at their defaults, so plain classifiers'
+    specs keep their original form.
     """
 
     network: str
@@ -96,6 +117,9 @@ class ModelSpec:
     chip_size: int = 0
     level: int | None = None
     glimpse: dict[str, Any] | None = None
+    bundle: str = ""
+    modality: str = ""
+    mpp: float | None = None
 
     def __post_init__(self) -> None:
         if self.network not in TARGET_LAYERS:
@@ -110,6 +134,12 @@ class ModelSpec:
             raise ValueError("a 'glimpse' model spec needs glimpse (the RecurrentGlimpseNetwork options)")
         if self.level is not None and not (isinstance(self.level, int) and self.level >= 0):
             raise ValueError(f"level must be a non-negative pyramid level or None, got {self.level!r}")
+        if not isinstance(self.bundle, str) or not isinstance(self.modality, str):
+            raise ValueError(f"bundle and modality must be strings, got {self.bundle!r} and {self.modality!r}")
+        if self.mpp is not None:
+            if isinstance(self.mpp, bool) or not isinstance(self.mpp, (int, float)) or not 0 < self.mpp < math.inf:
+                raise ValueError(f"mpp must be positive microns per pixel or None, got {self.mpp!r}")
+            object.__setattr__(self, "mpp", float(self.mpp))
         size = (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
         if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
             raise ValueError(f"image_size must be one or two positive integers, got {self.image_size!r}")
@@ -127,7 +157,8 @@ class ModelSpec:
         out = asdict(self)
         out["image_size"] = list(self.image_size)
         defaults = (
-            ("architecture", "classifier"), ("metadata_encoder", None), ("chip_size", 0), ("level", None), ("glimpse", None)
+            ("architecture", "classifier"), ("metadata_encoder", None), ("chip_size", 0), ("level", None),
+            ("glimpse", None), ("bundle", ""), ("modality", ""), ("mpp", None),
         )
         for name, default in defaults:
             if out[name] == default:
@@ -135,9 +166,12 @@ class ModelSpec:
         return out
 
 
-def build_network(spec: ModelSpec | Mapping[str, Any], pretrained_path: str | os.PathLike | None = None) -> nn.Module:
+def build_network(
+    spec: ModelSpec | Mapping[str, Any], pretrained_path: str | os.PathLike | None = None, logits_only: bool = False
+) -> nn.Module:
     """The network a spec (or its dict) describes, with its input normalisation, freshly initialised (or from
-    ``pretrained_path``)."""
+    ``pretrained_path``). ``logits_only``: a glimpse model as :class:`~medgain.networks.GlimpseLogitsNetwork`
+    (forward returns the logits tensor, as MONAI's bundle tools and TorchScript users expect; same weights)."""
     spec = spec if isinstance(spec, ModelSpec) else ModelSpec(**spec)
     if spec.architecture == "fusion":
         from medgain.data.dermoscopy import MetadataEncoder
@@ -162,7 +196,8 @@ def build_network(spec: ModelSpec | Mapping[str, Any], pretrained_path: str | os
         )
     if spec.architecture == "glimpse":
         assert spec.glimpse is not None
-        return RecurrentGlimpseNetwork(
+        glimpse_class = GlimpseLogitsNetwork if logits_only else RecurrentGlimpseNetwork
+        return glimpse_class(
             spec.network, spec.num_classes, spec.in_channels, pretrained_path=pretrained_path, **spec.glimpse
         )
     return build_classifier(
@@ -271,16 +306,20 @@ def find_training_checkpoint(
     return (max(found)[2] if found else None), skipped
 
 
-def load_model_spec(path: str | os.PathLike, **expected: Any) -> ModelSpec:
+def load_model_spec(path: str | os.PathLike, bundle: str | None = None, **expected: Any) -> ModelSpec:
     """The :class:`ModelSpec` stored in a checkpoint, checked against values a config or command line gives.
 
     Args:
         path: checkpoint written by :class:`medgain.handlers.BestModelSaver`.
+        bundle: the bundle about to run the model (its evaluation or inference); a model trained by another
+            bundle is refused. A model file that does not record its bundle (written before medgain recorded it)
+            is accepted with a warning naming the file. None: no check.
         expected: spec fields given by the user (e.g. ``image_size=64``, ``network="resnet18"``); None means "not
             given". A given value that differs from the checkpoint's is refused: the model must run as trained.
 
     Raises:
-        ValueError: when the checkpoint holds no spec, or an expected value disagrees with it.
+        ValueError: when the checkpoint holds no spec, was trained by another bundle than ``bundle``, or an
+            expected value disagrees with it.
     """
     checkpoint = load_checkpoint(path)
     raw = checkpoint.get("model_spec") if isinstance(checkpoint, Mapping) else None
@@ -290,6 +329,8 @@ def load_model_spec(path: str | os.PathLike, **expected: Any) -> ModelSpec:
             "medgain's BestModelSaver"
         )
     spec = ModelSpec(**raw)
+    if bundle is not None:
+        _check_bundle(spec, path, bundle)
     stored = spec.as_dict()
     for name, value in expected.items():
         if value is None:
@@ -305,12 +346,31 @@ def load_model_spec(path: str | os.PathLike, **expected: Any) -> ModelSpec:
     return spec
 
 
+def _check_bundle(spec: ModelSpec, path: str | os.PathLike, bundle: str) -> None:
+    """Refuse a model trained by another bundle than ``bundle``; warn for a file that does not say."""
+    if not spec.bundle:
+        logger.warning(
+            "%s: the model file does not record the bundle it was trained by (written before medgain recorded "
+            "it); running it as a %s model without that check",
+            path,
+            bundle,
+        )
+    elif spec.bundle != bundle:
+        modality = f" ({spec.modality})" if spec.modality else ""
+        raise ValueError(
+            f"{path}: the model was trained by {spec.bundle}{modality}; this is {bundle}, which runs only models "
+            f"trained by {bundle}. Use {spec.bundle}'s evaluation / inference for it, or a model trained by {bundle}"
+        )
+
+
 def load_operating_point(path: str | os.PathLike) -> dict[str, Any]:
     """The operating point stored by :class:`medgain.handlers.BestModelSaver`.
 
     Returns:
-        ``{"threshold": float | None, "max_fpr", "metric", "value", ...}``; the threshold is on the log-odds of
-        being ill and None when the model has no operating point.
+        ``{"threshold": float | None, "max_fpr", "metric", "value", "statement", ...}``; the threshold is on the
+        log-odds of being ill and None when the model has no operating point; ``statement`` says in words what its
+        false-alarm rate is known to be (:func:`medgain.metrics.confidence.operating_point_words`; "unknown" for
+        a model file written before the validation counts were stored).
 
     Raises:
         FileNotFoundError: when the file does not exist.
@@ -320,7 +380,7 @@ def load_operating_point(path: str | os.PathLike) -> dict[str, Any]:
     point = checkpoint.get("operating_point") if isinstance(checkpoint, Mapping) else None
     if not isinstance(point, Mapping) or "threshold" not in point:
         raise ValueError(f"{path}: holds no operating point (not written by BestModelSaver, e.g. a plain state dict)")
-    return dict(point)
+    return {**point, "statement": point.get("statement") or operating_point_words(point)}
 
 
 def decision_threshold(point: Mapping[str, Any], source: str | os.PathLike) -> float:
@@ -332,10 +392,15 @@ def decision_threshold(point: Mapping[str, Any], source: str | os.PathLike) -> f
     threshold = point.get("threshold")
     if threshold is None or not torch.isfinite(torch.tensor(float(threshold))):
         reason = point.get("reason") or "validation gave no finite threshold"
-        raise ValueError(
-            f"{source}: this model has no operating point ({reason}); it cannot take ill / healthy decisions. "
-            "Retrain with a validation split holding both classes, or give an explicit threshold."
-        )
+        if point.get("positives") and point.get("negatives"):  # both classes were there: the budget was out of reach
+            advice = (
+                f"No threshold reaches FPR <= {point.get('max_fpr')} with TPR > 0 on {point['negatives']} validation "
+                "negatives: validate on more negatives, allow a larger max_fpr, or give an explicit threshold."
+            )
+        else:
+            advice = "Retrain with a validation split holding both classes, or give an explicit threshold."
+        raise ValueError(f"{source}: this model has no operating point ({reason}); it cannot take ill / healthy "
+                         f"decisions. {advice}")
     return float(threshold)
 
 
@@ -410,6 +475,9 @@ def spec_from_config(
     chip_size: int = 0,
     level: int | None = None,
     glimpse: Mapping[str, Any] | None = None,
+    bundle: str = "",
+    modality: str = "",
+    mpp: float | None = None,
 ) -> dict[str, Any]:
     """A validated model spec as a plain dict, for a bundle config (``BestModelSaver(model_spec=...)``); see
     :class:`ModelSpec` for the fields."""
@@ -426,4 +494,7 @@ def spec_from_config(
         chip_size=int(chip_size),
         level=None if level is None else int(level),
         glimpse=None if glimpse is None else dict(glimpse),
+        bundle=bundle,
+        modality=modality,
+        mpp=mpp,
     ).as_dict()

@@ -12,10 +12,13 @@ import mlflow
 import pydicom
 import pytest
 import torch
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from monai.bundle import run as bundle_run
 
 from medgain.demo import CAPSULE_BUNDLE
 from medgain.synth.capsule import make_capsule_dataset
+from medgain.tracking.store import prepare_store
 
 #: what a hospital export carries and must never leave it
 PLANTED = {
@@ -72,6 +75,7 @@ def identifiers() -> set[str]:
 
 def make_store(uri: str, artifacts: Path) -> None:
     """Create the bundle's experiment with its artifacts under ``artifacts`` (not the working directory)."""
+    prepare_store(uri)  # the "Default" experiment's artifacts beside the store, not in the working directory
     client = mlflow.MlflowClient(uri)
     if client.get_experiment_by_name("capsule_endoscopy_gain") is None:
         client.create_experiment("capsule_endoscopy_gain", artifact_location=artifacts.as_uri())
@@ -89,3 +93,14 @@ def train(root: Path, datalist: Path, uri: str, seed: int) -> None:
         seed=seed,
         **TINY,
     )
+
+
+def make_keys(folder: Path, stem: str) -> tuple[Path, Path]:
+    """A fresh Ed25519 key pair as ``<stem>.pem`` and ``<stem>.pub.pem`` in ``folder``."""
+    key = Ed25519PrivateKey.generate()
+    private, public = folder / f"{stem}.pem", folder / f"{stem}.pub.pem"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public

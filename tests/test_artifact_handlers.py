@@ -33,7 +33,7 @@ from medgain.handlers.metrics_json import MetricsJSONWriter
 from medgain.handlers.prediction_writer import PredictionCSVWriter
 from medgain.handlers.roc_plot import ROCCurveSaver
 from medgain.handlers.utils import attach_once
-from medgain.metrics import operating_point, roc_curve, tpr_at_fpr
+from medgain.metrics import operating_point, operating_point_words, roc_curve, tpr_at_fpr
 from medgain.metrics.scores import positive_score
 from medgain.model_file import load_model_weights, load_operating_point
 from medgain.visualize import cam_overlay, colorize, to_display_rgb
@@ -274,6 +274,8 @@ def test_best_model_saver_keeps_the_best_round_and_registration_adds_one_version
         "max_fpr": 0.001,
         "metric": "val_tpr_at_fpr_0.001",
         "value": 0.5,
+        "unit": "healthy validation samples",
+        "statement": operating_point_words({"threshold": 0.55, "max_fpr": 0.001}),  # no counts in these metrics
     }
     assert checkpoint["metrics"] == metrics[3]
     assert checkpoint["model_spec"]["image_size"] == [32, 32] and checkpoint["model_spec"]["target_layer"] == "features.3"
@@ -298,8 +300,9 @@ def test_best_model_saver_keeps_the_best_round_and_registration_adds_one_version
     assert run.data.tags["registered_model"] == "medgain-test-model v1"
     assert versions[-1].source.endswith(f"{ml.cur_run.info.run_id}/artifacts/model")
     local = client.download_artifacts(ml.cur_run.info.run_id, "model", str(tmp_path / "dl"))
-    loaded = mlflow.pytorch.load_model(local)
-    assert torch.equal(loaded.head[2].bias, torch.full((2,), 3.0))
+    assert (Path(local) / "data" / "model.pt2").is_file() and not (Path(local) / "data" / "model.pth").exists()
+    loaded = mlflow.pytorch.load_model(local)  # torch.export's graph format: nothing is unpickled
+    assert torch.equal(loaded.get_parameter("head.2.bias"), torch.full((2,), 3.0))
     info = mlflow.models.Model.load(local)
     assert list(info.signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3, 32, 32]
     assert list(info.signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 2]

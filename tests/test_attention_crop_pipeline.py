@@ -157,3 +157,20 @@ def test_pipeline_config_errors_name_the_file(tmp_path: Path) -> None:
         load_pipeline_config(bad)
     shipped = load_pipeline_config(REPO / "pipelines" / "attention_crop" / "config.yaml")
     assert shipped["crop"]["size"] == shipped["full"]["image_size"]  # crops at the full model's input size
+
+
+def test_pipeline_config_refuses_repeated_keys_and_unknown_names(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("n_folds: 5\ncrop:\n  size: 224\nn_folds: 2\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: duplicate key 'n_folds' at line 4 \(first at line 1\)"):
+        load_pipeline_config(bad)
+    bad.write_text("crop:\n  size: 224\n  size: 32\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: duplicate key 'size' at line 3 \(first at line 2\)"):
+        load_pipeline_config(bad)
+    bad.write_text("crop:\n  treshold: 0.2\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown 'crop' setting\(s\) \['treshold'\]"):
+        load_pipeline_config(bad)
+    bad.write_text(yaml.safe_dump({"bundle": str(REPO / "bundles" / "dermoscopy_gain"), "common": {"max_epoch": 1}}))
+    with pytest.raises(ValueError, match=r"bad.yaml: 'common' sets \['max_epoch'\], which the bundle dermoscopy_gain"):
+        run_attention_crop(bad, output_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()  # refused before anything is written

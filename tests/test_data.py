@@ -247,7 +247,7 @@ def fill_items(tmp_path: Path) -> list[dict]:
 def test_fill_color_value_and_cache(tmp_path, monkeypatch):
     items = fill_items(tmp_path)
     cache_dir = tmp_path / ".medgain_cache"
-    color = cached_fill_color(items, cache_dir)
+    color = cached_fill_color(items, cache_dir, ignore_labels=[2])
     expected = (4 * np.array([0.8, 0.2, 0.4]) + 2 * np.array([0.0, 1.0, 0.0])) / 6
     np.testing.assert_allclose(color, expected, atol=1e-6)
     cache_files = list(cache_dir.glob("fill_color_*.json"))
@@ -258,7 +258,7 @@ def test_fill_color_value_and_cache(tmp_path, monkeypatch):
         raise AssertionError("the cache hit must not read any image")
 
     monkeypatch.setattr(medgain.transforms.io, "read_frame", no_reading)
-    assert cached_fill_color(list(reversed(items)), cache_dir) == color
+    assert cached_fill_color(list(reversed(items)), cache_dir, ignore_labels=[2]) == color
     with pytest.raises(AssertionError, match="must not read"):
         cached_fill_color(items, cache_dir, lesion_labels=[1, 2])
     monkeypatch.undo()
@@ -275,7 +275,7 @@ def test_fill_color_errors(tmp_path):
     with pytest.raises(ValueError, match="none of the 1 items has a label map"):
         cached_fill_color(items[2:], tmp_path)
     with pytest.raises(ValueError, match="no lesion pixel"):
-        cached_fill_color(items, tmp_path, lesion_labels=[5])
+        cached_fill_color(items, tmp_path, lesion_labels=[5], ignore_labels=[1, 2])
     assert not list(tmp_path.glob("fill_color_*.json"))
     small = write_png(tmp_path / "small.png", np.zeros((2, 2), np.uint8))
     wrong_size = [{"image": items[0]["image"], "label_map": str(small)}]

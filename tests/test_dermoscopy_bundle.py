@@ -103,7 +103,7 @@ def test_evaluate_on_the_test_split_and_inference_with_errors(trained: Path, dat
     (inputs / f"{csv_rows[0]['image_name']}.jpg").unlink()
     (inputs / f"{csv_rows[1]['image_name']}.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "inference"
-    _run("inference", ["inference.yaml"], bundle_root=str(trained), input_dir=str(inputs),
+    _run("inference", ["inference.yaml"], bundle_root=str(trained), fold=0, input_dir=str(inputs),
          input_csv=str(dataset / "train.csv"), output_dir=str(out), num_workers=0, tta_views=2)
     with (out / "errors.csv").open(newline="") as f:
         errors = list(csv.DictReader(f))
@@ -138,6 +138,6 @@ def test_chipnet_trains_without_gain_with_chip_attention_metrics_evaluates_and_i
     metrics = (root / "outputs" / "fold0" / "evaluation" / "metrics.json").read_text()
     assert "test_auc" in metrics and "test_iou" in metrics
     out = tmp_path / "inference"
-    _run("inference", ["inference.yaml"], bundle_root=str(root), input_dir=str(dataset / "images"),
+    _run("inference", ["inference.yaml"], bundle_root=str(root), fold=0, input_dir=str(dataset / "images"),
          output_dir=str(out), num_workers=0, tta_views=2)
     assert len(list((out / "heatmaps").glob("*.png"))) == 40

@@ -79,8 +79,8 @@ def test_evaluate_and_inference_write_glimpse_tables(trained: tuple[Path, Path],
     shutil.copy(source, images / "same.png")
     (images / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "inference"
-    bundle_run("inference", ["train.yaml", "inference.yaml"], bundle=BUNDLE, bundle_root=root, input_dir=images,
-               output_dir=out, **TINY)
+    bundle_run("inference", ["inference.yaml"], bundle=BUNDLE, bundle_root=root, input_dir=images,  # standalone
+               output_dir=out, batch_size=4, num_workers=0)
     with open(out / "predictions.csv") as f:
         rows = {Path(r["file"]).name: r for r in csv.DictReader(f)}
     assert set(rows) == {"same.png", "wide.png"}

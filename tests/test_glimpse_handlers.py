@@ -80,3 +80,33 @@ def test_draw_glimpses_marks_each_glimpse_in_order() -> None:
     assert (last == (255, 0, 0)).all(1).any()  # the last glimpse in red
     with pytest.raises(ValueError, match="image must be"):
         draw_glimpses(torch.zeros(2, 8, 8), torch.zeros(1, 2), torch.ones(1))
+
+
+def test_prediction_writer_refuses_non_finite_scores_and_logs_pseudonyms(tmp_path, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from medgain.handlers import glimpse_predictions
+    from medgain.handlers.glimpse_predictions import GlimpsePredictionWriter
+
+    logged: list[str] = []
+    monkeypatch.setattr(glimpse_predictions, "log_artifact", lambda handler, path, folder: logged.append(path.read_text()))
+    out = tmp_path / "out"
+    writer = GlimpsePredictionWriter(str(out), threshold=0.0, coordinates="input", mlflow_handler=object())
+    paths = [str(tmp_path / "DOE^JANE" / "good.png"), str(tmp_path / "DOE^JANE" / "nan.png")]
+    batch = {"image_path": paths, "frame": torch.tensor([0, 0]), "label": torch.tensor([1, 0])}
+    output = {
+        "pred": torch.tensor([[0.0, 2.0], [float("nan"), 0.0]]),
+        "image": torch.rand(2, 3, 8, 8),
+        "glimpse_centers": torch.zeros(2, 2, 2),
+        "glimpse_scales": torch.full((2, 2), 0.5),
+    }
+    engine = SimpleNamespace(state=SimpleNamespace(batch=batch, output=output))
+    writer.start(engine)
+    writer(engine)
+    writer.write(engine)
+    rows = (out / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 2 and rows[1].startswith(paths[0]) and ",1,1," in rows[1]  # decision 1, label 1
+    errors = (out / "errors.csv").read_text()
+    assert paths[1] in errors and "not finite" in errors and "good.png" not in errors
+    assert sorted(p.name for p in (out / "glimpses").iterdir()) == ["good_f0.png", "nan_f0.png"]
+    assert len(logged) == 1 and "DOE" not in logged[0] and "good" not in logged[0] and logged[0].startswith("ref,")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import html
 import io
 import json
 import os
@@ -23,14 +24,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from monai.bundle import run as monai_run
 from PIL import Image
-from registry_helpers import CONFIGS, identifiers, make_store, phi_dataset, registry_env, train
+from registry_helpers import CONFIGS, identifiers, make_keys, make_store, phi_dataset, registry_env, train
 
 from medgain.cli import main
 from medgain.data.phi import frame_ref
+from medgain.partner import run_partner_inference
 from medgain.registry import (
     PackageVerificationError,
     PromotionRefused,
@@ -43,16 +43,6 @@ from medgain.registry import (
 )
 
 NAME = "capsule_endoscopy_gain"
-
-
-def _keys(folder: Path, stem: str) -> tuple[Path, Path]:
-    key = Ed25519PrivateKey.generate()
-    private, public = folder / f"{stem}.pem", folder / f"{stem}.pub.pem"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
-    return private, public
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +61,10 @@ def flow(tmp_path_factory: pytest.TempPathFactory) -> Any:
         gate = root / "gate.yaml"
         gate.write_text(yaml.safe_dump({"rules": ["test_auc >= 0.0"], "not_worse_than": "champion"}))
         state["gate"] = gate
-        state["promoted"] = promote(NAME, "1", "champion", gate, "dr-a", tracking_uri=uri)
-        state["review2"] = review_model(NAME, "2", datalist, root / "review2", against="champion", **common)
+        # version 1 (no operating threshold) cannot be promoted; it stays the baseline version 2 is compared with
+        state["client"].set_registered_model_alias(NAME, "baseline", "1")
+        state["review2"] = review_model(NAME, "2", datalist, root / "review2", against="baseline", **common)
+        state["promoted"] = promote(NAME, "2", "champion", gate, "dr-a", tracking_uri=uri, first_champion=True)
         yield state
 
 
@@ -88,13 +80,16 @@ def test_review_report_and_registry_records(flow: Any) -> None:
     assert card["bundle"] == NAME and card["network"] == "small_cnn" and card["input_size"] == "32x32"
     assert "train" in card["training_run"] and len(card["medgain_commit"]) >= 12
     assert card["training_data"].startswith("training: 30 items") and "of 11 ill training frames" in card["masks_used"]
-    # against the champion (version 1) on the same frames: paired differences and the disagreeing frames
+    # against the baseline (version 1) on the same frames: paired differences and the disagreeing frames
     comparison = review["comparison"]
     assert comparison["version"] == "1" and set(comparison["figures"]) >= {"auc", "iou"}
     auc = comparison["figures"]["auc"]
     assert auc["value"] == pytest.approx(auc["candidate"] - auc["champion"]) and auc["low"] <= auc["high"]
     assert flow["review1"]["comparison"] is None and "no version" in flow["review1"]["notes"]["comparison"]
     assert [row["budget"] for row in review["operating_points"]][:2] == ["FPR <= 0.05 %", "FPR <= 0.1 %"]
+    stored = review["stored_operating_point"]  # a dozen validation frames cannot back 0.1 %
+    assert not stored["backed"] and "operating_point_fpr_upper" in review["gate_values"]
+    assert html.escape(stored["statement"]) in (flow["root"] / "review2" / "report.html").read_text()
     study_level = review["subgroups"]["level"]
     assert study_level["figures"]["n"] == 6 and all(u["unit"].startswith("s-") for u in study_level["units"])
     # logged on the version's run and linked from the version
@@ -138,24 +133,26 @@ def test_report_renders_in_a_browser(flow: Any) -> None:
 def test_promotion_gate(flow: Any) -> None:
     client, uri = flow["client"], flow["uri"]
     assert flow["promoted"]["decision"] == "promoted"
-    tags = client.get_model_version(NAME, "1").tags
+    tags = client.get_model_version(NAME, "2").tags
     assert tags["promotion.champion.reviewer"] == "dr-a" and tags["promotion.champion.decision"] == "promoted"
     assert len(tags["promotion.champion.gate_sha256"]) == 64 and tags["promotion.champion.rule.0"].endswith("pass")
+    with pytest.raises(PromotionRefused, match="version 1: its model file has no finite operating threshold"):
+        promote(NAME, "1", "production", flow["gate"], "dr-b", override=True, reason="pilot", tracking_uri=uri)
     strict = flow["root"] / "strict.yaml"
     strict.write_text(yaml.safe_dump({"rules": ["test_auc >= 1.01", "test_tpr_at_fpr_0.001 >= 0.60"]}))
-    code = main(["promote", "--model", NAME, "--version", "2", "--alias", "champion", "--gate", str(strict),
+    code = main(["promote", "--model", NAME, "--version", "2", "--alias", "production", "--gate", str(strict),
                  "--reviewer", "dr-b", "--tracking-uri", uri])
-    assert code == 2
-    assert str(client.get_registered_model(NAME).aliases["champion"]) == "1"
+    assert code == 3
+    assert "production" not in client.get_registered_model(NAME).aliases
     tags = client.get_model_version(NAME, "2").tags
-    assert tags["promotion.champion.decision"] == "refused" and "FAIL" in tags["promotion.champion.rule.0"]
+    assert tags["promotion.production.decision"] == "refused" and "FAIL" in tags["promotion.production.rule.0"]
     with pytest.raises(ValueError, match="--reason"):
-        promote(NAME, "2", "champion", strict, "dr-b", override=True, tracking_uri=uri)
-    result = promote(NAME, "2", "champion", strict, "dr-b", override=True, reason="pilot study", tracking_uri=uri)
+        promote(NAME, "2", "production", strict, "dr-b", override=True, tracking_uri=uri)
+    result = promote(NAME, "2", "production", strict, "dr-b", override=True, reason="pilot study", tracking_uri=uri)
     assert result["decision"] == "overridden"
     tags = client.get_model_version(NAME, "2").tags
-    assert tags["promotion.champion.override_reason"] == "pilot study"
-    assert str(client.get_registered_model(NAME).aliases["champion"]) == "2"
+    assert tags["promotion.production.override_reason"] == "pilot study"
+    assert str(client.get_registered_model(NAME).aliases["production"]) == "2"
     # a version without a review of its own is never promoted
     v1 = client.get_model_version(NAME, "1")
     unreviewed = client.create_model_version(NAME, v1.source, run_id=v1.run_id)
@@ -169,7 +166,7 @@ def package(flow: Any) -> Any:
     client, uri = flow["client"], flow["uri"]
     if str(client.get_registered_model(NAME).aliases.get("champion")) != "2":
         promote(NAME, "2", "champion", flow["gate"], "dr-b", override=True, reason="test order", tracking_uri=uri)
-    private, public = _keys(root, "signer")
+    private, public = make_keys(root, "signer")
     zip_path = root / "partner_bundle.zip"
     manifest = build_package(f"{NAME}@champion", zip_path, tracking_uri=uri, sign_key=private)
     return {"zip": zip_path, "manifest": manifest, "public": public, "private": private}
@@ -179,7 +176,7 @@ def test_a_version_without_an_operating_threshold_is_not_packaged(flow: Any, tmp
     checkpoint = torch.load(flow["root"] / "run1" / "models" / "model.pt", weights_only=False, map_location="cpu")
     assert checkpoint["operating_point"]["threshold"] is None  # the premise: seed 1 reaches no TPR at 0.1 % FPR
     with pytest.raises(ValueError, match="version 1: its model file has no finite operating threshold"):
-        build_package(f"{NAME}@1", tmp_path / "p.zip", tracking_uri=flow["uri"], include_wheel=False)
+        build_package(f"{NAME}@1", tmp_path / "p.zip", tracking_uri=flow["uri"], include_wheel=False, unpromoted=True)
     assert not (tmp_path / "p.zip").exists()
 
 
@@ -188,7 +185,7 @@ def test_package_contents_and_verification(flow: Any, package: Any) -> None:
     names = set(zipfile.ZipFile(zip_path).namelist())
     expected = {"configs/inference.yaml", "configs/evaluate.yaml", "configs/train.yaml", "configs/metadata.json",
                 "configs/logging.conf", "models/model.pt", "models/model.ts", "docs/README.md", "docs/model_card.md",
-                "docs/review_report.html", "requirements.txt", "manifest.json", "manifest.sig"}
+                "docs/review_report.html", "requirements.txt", "LICENSE", "manifest.json", "manifest.sig"}
     assert expected <= names and any(re.fullmatch(r"wheels/medgain-.*\.whl", n) for n in names)
     manifest = package["manifest"]
     assert manifest["version"] == "2" and manifest["alias"] == "champion" and "torch" in manifest["dependencies"]
@@ -201,10 +198,10 @@ def test_package_contents_and_verification(flow: Any, package: Any) -> None:
     assert scripted(torch.rand(2, 3, 32, 32)).shape == (2, 2)
     assert verify_package(zip_path, public)["model"] == NAME
     assert main(["verify", str(zip_path), "--public-key", str(public)]) == 0
-    _, other = _keys(flow["root"], "other")
+    _, other = make_keys(flow["root"], "other")
     with pytest.raises(PackageVerificationError, match="does not verify"):
         verify_package(zip_path, other)
-    # one byte changed in any file is refused, naming that file
+    # one byte changed in any file is refused, naming that file (the manifest and its signature: the signature)
     with zipfile.ZipFile(zip_path) as archive:
         members = {i.filename: archive.read(i) for i in archive.infolist()}
     for target in sorted(members):
@@ -229,7 +226,7 @@ def test_standalone_inference_from_the_package(flow: Any, package: Any, tmp_path
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW")} | {"OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.yaml",
                "--meta_file", "configs/metadata.json", "--input_dir", str(frames), "--output_dir",
-               str(tmp_path / "out"), "--public_key", str(package["public"]), "--num_workers", "0"]
+               str(tmp_path / "out"), "--num_workers", "0"]
     result = subprocess.run(command, cwd=unpacked, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert not list(unpacked.glob("**/mlflow.db")) and not (unpacked / "mlruns").exists()
@@ -245,16 +242,12 @@ def test_standalone_inference_from_the_package(flow: Any, package: Any, tmp_path
     with open(tmp_path / "own_out" / "predictions.csv") as f:
         own = list(csv.DictReader(f))
     assert len(packaged) == 4 and packaged == own
-    # a changed file in the unpacked package: inference refuses to run
+    # a changed file in the unpacked package: `medgain infer` (the partner's command) refuses to run it
     config = unpacked / "configs" / "train.yaml"
     config.write_text(config.read_text() + "\n# edited\n")
-    with pytest.raises(RuntimeError) as refused:  # MONAI wraps the error of a config expression
-        monai_run("run", meta_file=str(unpacked / "configs" / "metadata.json"),
-                  config_file=str(unpacked / "configs" / "inference.yaml"), bundle_root=str(unpacked),
-                  input_dir=str(frames), output_dir=str(tmp_path / "refused"), num_workers=0)
-    cause = refused.value.__cause__
-    assert isinstance(cause, PackageVerificationError) and "configs/train.yaml differs" in str(cause)
-    assert not (tmp_path / "refused" / "predictions.csv").exists()
+    with pytest.raises(PackageVerificationError, match="configs/train.yaml holds"):
+        run_partner_inference(unpacked, frames, tmp_path / "refused", public_key=package["public"], num_workers=0)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_no_identifier_leaves_the_hospital(flow: Any, package: Any) -> None:

@@ -99,21 +99,26 @@ def test_pseudonyms_depend_on_the_salt_only(monkeypatch: pytest.MonkeyPatch, tmp
 
 def test_scanner_and_folder_verification(tmp_path: Path) -> None:
     package = tmp_path / "pkg"
-    (package / "configs").mkdir(parents=True)
-    (package / "configs" / "a.yaml").write_text("x: 1\n")
+    for name in ("configs/inference.yaml", "configs/metadata.json", "models/model.pt", "configs/a.yaml"):
+        (package / name).parent.mkdir(parents=True, exist_ok=True)
+        (package / name).write_text("x: 1\n")
     (package / "notes.txt").write_text("patient Quirksby in utf-16".encode("utf-16-le").decode("latin-1"))
-    files = {p: hashlib.sha256((package / p).read_bytes()).hexdigest() for p in ("configs/a.yaml", "notes.txt")}
-    (package / "manifest.json").write_text(json.dumps({"files": files, "model": "m", "version": "1"}))
-    assert verify_package(package)["model"] == "m"
-    (package / "outputs.csv").write_text("written beside the package\n")  # allowed in a folder
-    assert verify_package(package)["version"] == "1"
+    files = {p.relative_to(package).as_posix(): {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+                                                  "size": p.stat().st_size} for p in package.rglob("*") if p.is_file()}
+    manifest = {"format": "medgain-partner-package/2", "files": files, "model": "m", "version": "1"}
+    (package / "manifest.json").write_text(json.dumps(manifest))
+    assert verify_package(package, allow_unsigned=True)["model"] == "m"
     assert scan_for_identifiers([package], {"QUIRKSBY", "absent"}) == [(str(package / "notes.txt"), "QUIRKSBY")]
+    (package / "outputs.csv").write_text("written beside the package\n")  # a folder holds the package only
+    with pytest.raises(PackageVerificationError, match="outputs.csv is not listed in the manifest"):
+        verify_package(package, allow_unsigned=True)
+    (package / "outputs.csv").unlink()
     (package / "configs" / "a.yaml").write_text("x: 2\n")
     with pytest.raises(PackageVerificationError, match="configs/a.yaml differs"):
-        verify_package(package)
+        verify_package(package, allow_unsigned=True)
     (package / "configs" / "a.yaml").unlink()
     with pytest.raises(PackageVerificationError, match="configs/a.yaml is missing"):
-        verify_package(package)
+        verify_package(package, allow_unsigned=True)
     (package / "configs" / "a.yaml").write_text("x: 1\n")
-    with pytest.raises(PackageVerificationError, match="no public key"):
-        verify_package(package, require_signature=True)
+    with pytest.raises(ValueError, match="a signature is required"):
+        verify_package(package)

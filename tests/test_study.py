@@ -213,3 +213,21 @@ def test_bad_study_files_are_named(tmp_path: Path) -> None:
         load_study(bad)
     assert math.isnan(metric_value(study_metrics()[1], RunData(
         RunKey("c", 0, 0), ["a", "b"], np.array([0.0, 1.0]), np.array([0.0, 1.0]), np.array([math.nan] * 2), {})))
+
+
+def test_study_file_refuses_repeated_keys_and_unknown_names(tmp_path: Path) -> None:
+    path = _study_file(tmp_path)
+    text = path.read_text()
+    path.write_text(text + "seeds: [7]\n")  # a second 'seeds' replaced the first one silently
+    with pytest.raises(ValueError, match=r"study.yaml: duplicate key 'seeds' at line \d+ \(first at line \d+\)"):
+        load_study(path)
+    bad = _study_file(tmp_path, data={"synth": "capsule", "arg": {"n_frames": 60}})
+    with pytest.raises(ValueError, match=r"study.yaml: unknown fields \['arg'\] in 'data'"):
+        load_study(bad)
+    bad = _study_file(tmp_path, train={"max_epoch": 1})
+    with pytest.raises(ValueError, match=r"study.yaml: 'train' sets \['max_epoch'\], which the bundle "
+                                         r"capsule_endoscopy_gain does not define"):
+        load_study(bad)
+    bad = _study_file(tmp_path, configs={"x": {"am_wieght": 1}}, reference="x")
+    with pytest.raises(ValueError, match=r"configuration 'x' sets \['am_wieght'\]"):
+        load_study(bad)

@@ -239,7 +239,9 @@ def test_label_map_errors(tmp_path):
 )
 def test_label_map_to_mask_lesion_labels(lesion_labels, expected):
     label_map = torch.tensor([[[0, 1, 2], [3, 1, 0]]])
-    d = LabelMapToMaskd(lesion_labels=lesion_labels)({"image": torch.zeros(3, 2, 3), "label_map": label_map})
+    others = [v for v in (1, 2, 3) if v not in lesion_labels]  # allowed, counted as background
+    transform = LabelMapToMaskd(lesion_labels=lesion_labels, ignore_labels=others)
+    d = transform({"image": torch.zeros(3, 2, 3), "label_map": label_map})
     assert "label_map" not in d and d["has_mask"] is True
     assert d["mask"].dtype == torch.float32
     np.testing.assert_array_equal(d["mask"][0].numpy(), expected)

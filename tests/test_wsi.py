@@ -109,13 +109,6 @@ def test_not_a_tiff_and_missing_file(tmp_path):
         Slide(junk, backend="bioformats")
 
 
-def test_non_pyramidal_tiff_is_rejected(tmp_path):
-    flat = tmp_path / "flat.tif"
-    tifffile.imwrite(flat, np.full((600, 600, 3), 200, np.uint8), tile=(256, 256), photometric="rgb")
-    with pytest.raises(SlideError, match=r"flat\.tif: not a pyramidal slide"):
-        Slide(flat)
-
-
 def test_missing_resolution_tags(tmp_path, caplog):
     path = tmp_path / "nores.tif"
     make_wsi_slide(path, seed=0, size=512, tumour=False, mpp=None, compression="deflate")

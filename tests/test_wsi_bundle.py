@@ -97,7 +97,9 @@ def test_patch_tables_split_slides_and_feed_monai(dataset: Path) -> None:
     split = split_slides(rows[:10], (0.6, 0.2, 0.2), seed=3)
     assert [sorted(r["label"] for r in split[s]) for s in SPLITS] == [[0, 0, 0, 1, 1, 1], [0, 1], [0, 1]]
     assert split == split_slides(rows[:10], (0.6, 0.2, 0.2), seed=3) != split_slides(rows[:10], (0.6, 0.2, 0.2), seed=4)
-    tiny = split_slides([rows[0], rows[-1]], (0.6, 0.2, 0.2))  # one slide per label: it trains
+    with pytest.raises(ValueError, match="3 tumour and 3 normal slides are needed; there are 1 tumour and 1 normal"):
+        split_slides([rows[0], rows[-1]], (0.6, 0.2, 0.2))  # one slide per label: no validation, no test
+    tiny = split_slides([rows[0], rows[-1]], (1.0, 0.0, 0.0))  # training only, as asked
     assert [len(tiny[s]) for s in SPLITS] == [2, 0, 0]
 
 
@@ -134,6 +136,8 @@ def test_training_is_tracked_registers_the_model_and_resumes(trained: Path, data
     )
     best = torch.load(trained / "models" / "model.pt", weights_only=True)
     assert best["model_spec"]["image_size"] == [32, 32] and best["model_spec"]["class_names"] == ["normal", "tumour"]
+    # the task and the magnification learned: slides at 2.0 microns per pixel, read at level 1
+    assert best["model_spec"]["bundle"] == "wsi_patch_gain" and best["model_spec"]["mpp"] == 4.0
     threshold = best["operating_point"]["threshold"]
     assert threshold is None or math.isfinite(threshold)
     (version,) = client.search_model_versions("name='wsi_patch_gain'")
@@ -210,6 +214,7 @@ def test_standalone_slide_inference_skips_broken_slides_and_resumes(
     assert all(math.isfinite(float(r["score"])) for r in rows)
     record = json.loads((out / images[0].stem / "slide.json").read_text())
     assert record["level"] == 1 and record["patch_size"] == 32 and record["mpp"] == 2.0
+    assert record["model_mpp"] == record["level_mpp"] == 4.0 and "operating point" in record["lesion_threshold_source"]
     stamp = (out / images[0].stem / "slide.json").stat().st_mtime_ns
     run("inference", **common)  # finished slides are not run again
     assert (out / images[0].stem / "slide.json").stat().st_mtime_ns == stamp

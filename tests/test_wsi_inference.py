@@ -148,7 +148,7 @@ def test_run_inference_outputs_errors_and_resume(slides, maps, tmp_path):
     rows = list(csv.DictReader((out / "errors.csv").open()))
     assert [r["slide"] for r in rows] == ["truncated", "flat", "blank"]
     assert "truncated.tif" in rows[0]["error"] and "truncated" in rows[0]["error"]
-    assert "flat.tif: not a pyramidal slide" in rows[1]["error"]
+    assert "flat.tif: no resolution tags" in rows[1]["error"]  # a single level is read; it has no mpp
     assert "blank.tif: no tissue" in rows[2]["error"]
     files = {p.name for p in (out / "tumour").iterdir()}
     assert {

@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import traceback
 
-from medgain.cli import demo, pipeline, registry, study, synth, tracking, unveil, wsi
+from medgain.cli import data, demo, partner, pipeline, registry, study, synth, tracking, unveil, wsi
+from medgain.errors import short_report
 
 __all__ = ["build_parser", "main"]
 
-_GROUPS = (synth, demo, unveil, wsi, study, registry, pipeline, tracking)
+_GROUPS = (synth, data, demo, unveil, wsi, study, registry, partner, pipeline, tracking)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,12 +37,20 @@ def main(argv: list[str] | None = None) -> int:
         argv: arguments without the program name; ``sys.argv[1:]`` when None.
 
     Returns:
-        the process exit code.
+        the process exit code. medgain's own input errors print a short report ending in one line that names
+        the file or value and what is wrong (see :mod:`medgain.errors`); other errors print their traceback.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError, RuntimeError, subprocess.CalledProcessError) as err:
+    except subprocess.CalledProcessError as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, RuntimeError) as err:
+        report = short_report(err, prefix=f"{parser.prog}: error: ")
+        if report is None:  # a bug, or MEDGAIN_TRACEBACK asked for the full traceback
+            traceback.print_exc()
+        else:
+            print(report, file=sys.stderr)
         return 1

@@ -23,17 +23,34 @@ def _run_review(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``medgain promote`` exit codes: a usage error (bad arguments, gate file or alias) and a gate refusal differ
+PROMOTE_USAGE, PROMOTE_REFUSED = 2, 3
+_PROMOTE_EPILOG = """exit codes:
+  0  promoted (or overridden with --reason)
+  2  called wrongly: bad arguments, a malformed gate file (repeated or unknown key, a rule that is not
+     '<figure> <op> <number>'), an unknown not_worse_than alias, an --alias that is neither
+     champion / candidate / production nor held by the model without --new-alias, a first promotion not said
+     with --first-champion, an unknown model or version
+  3  refused: a failing gate rule (recorded on the version as promotion.<alias>.* tags), no review of this
+     version's model file, or no finite operating threshold in its model file
+  1  any other failure (e.g. the tracking server)"""
+
+
 def _run_promote(args: argparse.Namespace) -> int:
     from medgain.registry import PromotionRefused, promote
 
     try:
         result = promote(
             args.model, args.version, args.alias, args.gate, args.reviewer, override=args.override,
-            reason=args.reason, tracking_uri=args.tracking_uri,
+            reason=args.reason, tracking_uri=args.tracking_uri, first_champion=args.first_champion,
+            new_alias=args.new_alias,
         )
     except PromotionRefused as err:
         print(f"medgain promote: refused: {err}", file=sys.stderr)
-        return 2
+        return PROMOTE_REFUSED
+    except (ValueError, FileNotFoundError) as err:
+        print(f"medgain promote: error: {err}", file=sys.stderr)
+        return PROMOTE_USAGE
     for verdict in result["verdicts"]:
         value = "n/a" if verdict["value"] is None else f"{verdict['value']:.4f}"
         print(f"{'pass' if verdict['passed'] else 'FAIL'}  {verdict['rule']}  {value}  {verdict['why']}".rstrip())
@@ -46,22 +63,27 @@ def _run_package(args: argparse.Namespace) -> int:
 
     manifest = build_package(
         args.model, args.out, tracking_uri=args.tracking_uri, sign_key=args.sign_key, wheel=args.wheel,
-        include_wheel=not args.no_wheel, bundles_dir=args.bundles_dir,
+        include_wheel=not args.no_wheel, bundles_dir=args.bundles_dir, unpromoted=args.unpromoted,
     )
-    signed = "signed" if "signing_key" in manifest else "unsigned"
-    print(f"{args.out}: {manifest['model']} version {manifest['version']}, {len(manifest['files'])} files, {signed}")
+    signed = "signed" if "signing_key" in manifest else "UNSIGNED (partners must run it with --allow-unsigned)"
+    promoted = "" if manifest["promoted"] else ", NOT PROMOTED (recorded in its model card)"
+    print(f"{args.out}: {manifest['model']} version {manifest['version']}, {len(manifest['files'])} files, "
+          f"{signed}{promoted}")
     return 0
 
 
 def _run_verify(args: argparse.Namespace) -> int:
     from medgain.registry import PackageVerificationError, verify_package
 
+    if args.allow_unsigned:
+        print("medgain verify: WARNING: --allow-unsigned: NO SIGNATURE IS CHECKED, only the files against the "
+              "package's own manifest", file=sys.stderr)
     try:
-        manifest = verify_package(args.package, args.public_key, require_signature=args.require_signature)
+        manifest = verify_package(args.package, args.public_key, allow_unsigned=args.allow_unsigned)
     except PackageVerificationError as err:
         print(f"medgain verify: FAILED: {err}", file=sys.stderr)
         return 1
-    checked = "hashes and signature" if args.public_key else "hashes (no public key: signer not checked)"
+    checked = "signature and hashes" if args.public_key else "hashes only, UNSIGNED: who made it is not checked"
     print(f"{args.package}: OK ({checked}); {manifest['model']} version {manifest['version']}")
     return 0
 
@@ -95,22 +117,31 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="check a reviewed version against a gate and move a registry alias to it",
         description="Check the rules of GATE against the version's review; on pass move ALIAS to the version. "
         "The decision (reviewer, time, gate hash, each rule's value and verdict) is recorded as version tags.",
+        epilog=_PROMOTE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = promote.add_argument
     add("--model", required=True, help="registered model name")
     add("--version", required=True, help="model version")
-    add("--alias", default="champion", help="alias moved on pass (default: %(default)s)")
+    add("--alias", default="champion",
+        help="alias moved on pass: champion, candidate, production or one the model holds (default: %(default)s)")
+    add("--new-alias", action="store_true",
+        help="--alias is a new alias (refused otherwise, so that a typo creates none; recorded)")
     add("--gate", type=Path, required=True, help="gate YAML (rules, not_worse_than)")
     add("--reviewer", required=True, help="who decides (recorded)")
     add("--override", action="store_true", help="promote although rules fail (needs --reason; recorded)")
     add("--reason", help="why the gate is overridden")
+    add("--first-champion", action="store_true",
+        help="this promotion makes the first holder of the gate's not_worse_than alias (refused when one exists)")
     add("--tracking-uri", **tracking)
     promote.set_defaults(func=_run_promote)
     package = subparsers.add_parser(
         "package",
         help="a reviewed model version as an offline MONAI bundle zip for a partner hospital",
         description="Build a MONAI bundle zip (standalone inference, evaluate config, weights, TorchScript, model "
-        "card, review report, medgain wheel, manifest with sha256 of every file, optional Ed25519 signature).",
+        "card, review report, LICENSE, medgain wheel, manifest with sha256 and size of every file, Ed25519 "
+        "signature with --sign-key). The version must hold a promoted alias (champion / production) unless "
+        "--unpromoted is given.",
     )
     add = package.add_argument
     add("--model", required=True, help="NAME@ALIAS or NAME@VERSION, e.g. capsule_endoscopy_gain@champion")
@@ -118,16 +149,21 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     add("--sign-key", type=Path, help="Ed25519 private key (PEM) signing the manifest")
     add("--wheel", type=Path, help="medgain wheel to include (default: built from this source tree)")
     add("--no-wheel", action="store_true", help="leave the wheel out (requirements.txt pins medgain)")
+    add("--unpromoted", action="store_true",
+        help="package a version that holds no champion / production alias (recorded in its model card)")
     add("--bundles-dir", type=Path, help="folder of the bundle folders (default: the repository's bundles/)")
     add("--tracking-uri", **tracking)
     package.set_defaults(func=_run_package)
     verify = subparsers.add_parser(
         "verify",
-        help="check a partner package's file hashes and signature",
-        description="Check every file of a package (zip or unpacked folder) against its manifest and, with "
-        "--public-key, the Ed25519 signature; exits non-zero naming the first file that differs.",
+        help="check a partner package's signature and files strictly",
+        description="Check a package (zip or unpacked folder): the Ed25519 signature over manifest.json first, "
+        "then that every entry is listed and no listed file is missing, duplicated, linked or at an unsafe path, "
+        "then each file's size and sha256. Exits 1 naming the file and the reason. To run a package, use "
+        "`medgain infer`, which does this check itself.",
     )
     verify.add_argument("package", type=Path, help="package zip or unpacked folder")
-    verify.add_argument("--public-key", type=Path, help="signer's Ed25519 public key (PEM)")
-    verify.add_argument("--require-signature", action="store_true", help="fail without a verified signature")
+    key = verify.add_mutually_exclusive_group(required=True)
+    key.add_argument("--public-key", type=Path, help="signer's Ed25519 public key (PEM)")
+    key.add_argument("--allow-unsigned", action="store_true", help="check the hashes only, with no signature (loud)")
     verify.set_defaults(func=_run_verify)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 from medgain.cli._args import bounded
@@ -47,6 +46,7 @@ def _run_unveil(args: argparse.Namespace) -> int:
         },
     )
     print(f"{result['frames']} frame(s) unveiled, {result['errors']} unreadable file(s): {result['csv']}")
+    print(f"unveiling stopped below probability {result['prob_threshold']:.6g} ({result['prob_threshold_source']})")
     return 0
 
 
@@ -65,7 +65,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "unveil",
         help="iterative unveiling: every region a trained classifier relies on, per frame of a folder",
         description="Saliency map -> smoothed mask -> region hidden -> classified again, until the target "
-        "probability falls below --prob-threshold. Writes per frame a panel PNG, the regions as a label map "
+        "probability falls below --prob-threshold (default: the model's operating point), or rises (the region "
+        "just hidden is then no evidence and is not kept). With --bundle, a model trained by another bundle is "
+        "refused. Writes per frame a panel PNG, the regions as a label map "
         "(masks/*.png, *.nii.gz; value k in ROI k), unveil.csv and errors.csv. The network, input size, "
         "Grad-CAM layer and normalisation are read from the checkpoint's model_spec; for a checkpoint without "
         "one, from the options below and the bundle's configs/train.yaml.",
@@ -79,8 +81,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     add(
         "--prob-threshold",
         type=bounded(float, 0.0, 1.0),
-        default=0.5,
-        help="stop once the target probability is below this (default: %(default)s)",
+        default=None,
+        help="stop once the target probability is below this (default: the model's operating point, where its "
+        "decision changes; 0.5 for a model without one)",
     )
     add(
         "--source",

@@ -54,7 +54,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     add("--patch-size", type=bounded(int, 8), default=224, help="patch side in pixels of --level (default: %(default)s)")
     add("--stride", type=bounded(int, 1), default=None, help="grid step in pixels of --level (default: the patch size)")
     add("--split-fractions", type=bounded(float, 0.0, 1.0), nargs=3, default=[0.6, 0.2, 0.2],
-        metavar=("TRAIN", "VAL", "TEST"), help="slide shares of the splits (default: 0.6 0.2 0.2)")
+        metavar=("TRAIN", "VAL", "TEST"), help="slide shares of the splits (default: 0.6 0.2 0.2); every split with a "
+        "positive share gets tumour and normal slides, so per label 1 + the number of other splits are needed "
+        "(an error says so); 1 0 0: training only")
     add("--seed", type=bounded(int, 0), default=0, help="random seed (default: %(default)s)")
     add("--annotation-column", default="annotation_xml", help="annotation column of --labels (default: %(default)s)")
     add("--min-coverage", type=bounded(float, 0.0, 1.0), default=0.5,
@@ -63,6 +65,6 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     add("--max-per-class", type=bounded(int, 1), default=None, help="cap on training patches per class")
     add("--max-eval-patches", type=bounded(int, 1), default=None, help="cap on validation / test patches per split")
     add("--backend", choices=["tifffile", "openslide", "cucim"], default="tifffile", help="WSI backend (default: %(default)s)")
-    add("--default-mpp", type=bounded(float, 0.001), default=None,
-        help="microns per pixel to assume for slides without resolution tags")
+    add("--mpp", "--default-mpp", dest="default_mpp", metavar="MPP", type=bounded(float, 0.001), default=None,
+        help="microns per pixel to assume for slides whose metadata gives none (--default-mpp: same option)")
     patches.set_defaults(func=_run_wsi_patches)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from medgain.data.datalist import apply_mask_budget, expand_frames, load_datalist
+from medgain.outputs import write_csv_atomic
 
 __all__ = ["check_image_splits", "check_study_splits", "prepare_items", "write_errors_csv"]
 
@@ -90,11 +90,7 @@ def prepare_items(datalist: str | os.PathLike, split: str, masks_fraction: float
 
 
 def write_errors_csv(errors: Sequence[dict], output_dir: str | os.PathLike, filename: str = "errors.csv") -> Path:
-    """Write the unreadable inputs (``{"file", "reason"}`` rows) to ``output_dir/filename``; returns its path."""
-    path = Path(output_dir) / filename
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["file", "reason"])
-        writer.writeheader()
-        writer.writerows({"file": str(e["file"]), "reason": str(e["reason"])} for e in errors)
-    return path
+    """Write the unreadable inputs (``{"file", "reason"}`` rows) to ``output_dir/filename``, whole or not at all
+    (:func:`medgain.outputs.write_csv_atomic`); returns its path."""
+    rows = [(str(e["file"]), str(e["reason"])) for e in errors]
+    return write_csv_atomic(Path(output_dir) / filename, ["file", "reason"], rows)

@@ -29,7 +29,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     return content
 
 
-def load_datalist(path: str | os.PathLike, split: str, base_dir: str | os.PathLike | None = None) -> list[dict]:
+def load_datalist(
+    path: str | os.PathLike,
+    split: str,
+    base_dir: str | os.PathLike | None = None,
+    classes: Sequence[int] = (0, 1),
+) -> list[dict]:
     """Load and validate one split of a decathlon-style datalist of classification items.
 
     Items look like ``{"image": "images/a.png", "label": 1, "label_map": "labels/a.png", "study": "s01"}``;
@@ -39,6 +44,7 @@ def load_datalist(path: str | os.PathLike, split: str, base_dir: str | os.PathLi
         path: datalist JSON file.
         split: list to load, e.g. ``"training"``, ``"validation"`` or ``"test"``.
         base_dir: folder that relative ``image`` / ``label_map`` paths are relative to; default: the JSON's folder.
+        classes: the class indices a ``label`` may hold (default 0 = healthy, 1 = ill).
 
     Returns:
         New item dicts with ``image`` and ``label_map`` resolved to normalised paths; other fields are copied
@@ -46,7 +52,8 @@ def load_datalist(path: str | os.PathLike, split: str, base_dir: str | os.PathLi
 
     Raises:
         FileNotFoundError: when the datalist or a referenced file does not exist.
-        ValueError: for invalid JSON, a missing split, an item without ``image`` or with a non-integer ``label``.
+        ValueError: for invalid JSON, a missing split, an item without ``image`` or with a non-integer ``label``,
+            or labels outside ``classes`` (naming the datalist, the values found and those expected).
     """
     path = Path(path)
     content = _read_json(path)
@@ -64,6 +71,13 @@ def load_datalist(path: str | os.PathLike, split: str, base_dir: str | os.PathLi
             raise ValueError(f"{where}: 'label' must be a non-negative integer, got {label!r}")
         if raw.get("label_map") is not None and not isinstance(raw["label_map"], str):
             raise ValueError(f"{where}: 'label_map' must be a file path string, got {raw['label_map']!r}")
+    found = sorted({raw["label"] for raw in content[split]})
+    expected = sorted({int(c) for c in classes})
+    if not set(found) <= set(expected):
+        raise ValueError(
+            f"{path}: the '{split}' labels are {found}, expected class indices {expected} "
+            f"(values {sorted(set(found) - set(expected))} are not classes of this task)"
+        )
     base = Path(base_dir) if base_dir is not None else path.parent
     loaded = load_decathlon_datalist(path, is_segmentation=False, data_list_key=split, base_dir=base)
     items = []

@@ -38,6 +38,7 @@ def cached_fill_color(
     cache_dir: str | os.PathLike,
     lesion_labels: Sequence[int] | int = (1,),
     seed_key: str = "",
+    ignore_labels: Sequence[int] = (),
 ) -> list[float]:
     """Mean lesion colour over the items with a label map, cached as JSON in ``cache_dir``.
 
@@ -52,6 +53,7 @@ def cached_fill_color(
         items: datalist items (``image``, optional ``frame``, ``label_map`` and ``has_mask``).
         cache_dir: cache folder, created when missing (e.g. ``<dataset_dir>/.medgain_cache``).
         lesion_labels: label values that count as lesion.
+        ignore_labels: further label-map values counted as background (see :class:`LabelMapToMaskd`).
         seed_key: extra string mixed into the cache key, e.g. to separate runs that must not share a cache.
 
     Returns:
@@ -77,7 +79,8 @@ def cached_fill_color(
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{cache_file}: unreadable fill-colour cache, delete it to recompute ({err})") from err
     # transforms are applied directly (not through Compose) so their errors naming the files surface unwrapped
-    loaders = (LoadFramed(keys="image"), LoadLabelMapd(keys="label_map"), LabelMapToMaskd(lesion_labels=labels))
+    to_mask = LabelMapToMaskd(lesion_labels=labels, ignore_labels=ignore_labels)
+    loaders = (LoadFramed(keys="image"), LoadLabelMapd(keys="label_map"), to_mask)
     color = mean_roi_color((_apply(loaders, item) for item in selected), image_key="image", mask_key="mask")
     fill_color = [float(v) for v in color]
     cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -88,12 +91,16 @@ def cached_fill_color(
 
 
 def erase_fill(
-    fill: str | float | Sequence[float], items: Sequence[dict], cache_dir: str | os.PathLike, lesion_labels: Sequence[int]
+    fill: str | float | Sequence[float],
+    items: Sequence[dict],
+    cache_dir: str | os.PathLike,
+    lesion_labels: Sequence[int],
+    ignore_labels: Sequence[int] = (),
 ) -> float | list[float]:
     """The GAIN erase fill a config asks for: ``"auto"`` is the cached mean lesion colour of ``items``
     (:func:`cached_fill_color`); a number or a per-channel colour is returned as given."""
     if isinstance(fill, str):
         if fill != "auto":
             raise ValueError(f"fill must be 'auto', a number or a colour [r, g, b], got {fill!r}")
-        return cached_fill_color(items, cache_dir, lesion_labels)
+        return cached_fill_color(items, cache_dir, lesion_labels, ignore_labels=ignore_labels)
     return fill

@@ -96,7 +96,8 @@ class PositiveFractionBatchSampler(Sampler[list[int]]):
         if len(self.positives) == 0 or len(self.negatives) == 0:
             raise ValueError(
                 f"PositiveFractionBatchSampler needs positive and negative labels, got {len(self.positives)} "
-                f"positive(s) and {len(self.negatives)} negative(s)"
+                f"positive(s) and {len(self.negatives)} negative(s); label values found: "
+                f"{sorted(set(values.tolist()))}, expected 0 (negative) and non-zero (positive)"
             )
         self.pos_per_batch = positives_per_batch(pos_fraction, batch_size)
         self.neg_per_batch = batch_size - self.pos_per_batch

@@ -30,6 +30,7 @@ from medgain.handlers.roc_plot import ROCCurveSaver
 from medgain.handlers.sampler_epoch import SamplerEpoch
 from medgain.handlers.slide_evaluation import SlideEvaluation
 from medgain.handlers.run_tags import RunTags
+from medgain.handlers.run_summary import RunSummary
 from medgain.handlers.tpr_at_fpr import TPRAtFPR
 from medgain.handlers.unveil_panels import UnveilPanelSaver
 
@@ -64,6 +65,7 @@ __all__ = [
     "SamplerEpoch",
     "SlideEvaluation",
     "RunTags",
+    "RunSummary",
     "TPRAtFPR",
     "TrainingCheckpointSaver",
     "TrainingFailureHandler",

@@ -24,6 +24,7 @@ from medgain.handlers.utils import (
 )
 from medgain.metrics.scores import binary_labels, positive_score, score_to_probability, stack_output
 from medgain.model_file import load_operating_point
+from medgain.outputs import write_atomic
 from medgain.visualize import cam_overlay, to_display_rgb
 
 if TYPE_CHECKING:
@@ -188,5 +189,5 @@ class AttentionOverlaySaver:
         folder.mkdir(parents=True, exist_ok=True)
         name = f"{self.split}_epoch_{epoch:03d}.png" if self.per_round else f"{self.split}.png"
         path = folder / name
-        fig.savefig(path, dpi=100)
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
         log_artifact(self.mlflow_handler, path, self.artifact_path)

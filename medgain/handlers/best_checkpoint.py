@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from medgain.handlers.utils import attach_once, finite_or_none, log_artifact, metrics_as_floats
+from medgain.metrics.confidence import CONFIDENCE, fpr_upper_bound, operating_point_words
 from medgain.metrics.scores import score_to_probability
 from medgain.model_file import ModelSpec, atomic_write, load_checkpoint, unwrap
 
@@ -42,6 +43,14 @@ class BestModelSaver:
     threshold is missing or not finite (TPR 0 at that budget, a single-class round) it is stored as None with the
     reason, and the model takes no decisions until retrained.
 
+    The operating point also records what it is worth: ``negatives`` and ``positives`` of the validation round
+    and ``false_alarms`` at the threshold (the threshold metric's ``_negatives``, ``_positives`` and
+    ``_false_alarms`` companions written by :class:`~medgain.handlers.tpr_at_fpr.TPRAtFPR`), ``fpr_upper``, the
+    one-sided 95 % Clopper–Pearson upper bound of the false-alarm rate at the threshold
+    (:func:`~medgain.metrics.confidence.fpr_upper_bound`), ``confidence``, ``unit`` and ``statement``, the same
+    in words (:func:`~medgain.metrics.confidence.operating_point_words`). When the bound exceeds ``max_fpr`` the
+    statement is logged as a warning: the validation split was too small to back the budget.
+
     It also writes ``<filename stem>_metrics.json`` (epoch, operating point and metrics; NaN as null) and, with an
     MLflow handler, logs both files under ``checkpoint/`` of the run (replaced by each better round). Registering
     the final best model is :class:`~medgain.handlers.model_registration.ModelRegistration`'s job.
@@ -59,6 +68,7 @@ class BestModelSaver:
         mlflow_handler: the MONAI ``MLFlowHandler`` owning the run, or None to only write files.
         resume: start from the metrics of an existing checkpoint at ``save_dir/filename`` (a resumed run then
             only replaces it with a better model).
+        unit: what the validation negatives are, in the statement, e.g. "normal frames".
     """
 
     def __init__(
@@ -73,6 +83,7 @@ class BestModelSaver:
         model_spec: Mapping[str, Any] | None = None,
         mlflow_handler: MLFlowHandler | None = None,
         resume: bool = False,
+        unit: str = "healthy validation samples",
     ) -> None:
         self.save_dir = Path(save_dir)
         self.network = network
@@ -83,6 +94,7 @@ class BestModelSaver:
         self.filename = filename
         self.model_spec = None if model_spec is None else ModelSpec(**model_spec).as_dict()
         self.mlflow_handler = mlflow_handler
+        self.unit = unit
         self.best_key: tuple[tuple[int, float], ...] | None = None
         self.best_epoch: int | None = None
         self.best_metrics: dict[str, float] = {}
@@ -120,7 +132,8 @@ class BestModelSaver:
         key = self._key(metrics)
         if self.best_key is not None and key <= self.best_key:
             return
-        self._save(metrics, int(engine.state.epoch))  # a failed save leaves the previous best in place
+        point = self.operating_point(metrics)
+        self._save(point, metrics, int(engine.state.epoch))  # a failed save leaves the previous best in place
         self.best_key, self.best_epoch, self.best_metrics = key, int(engine.state.epoch), metrics
         logger.info(
             "validation round %d: best model so far (%s) saved to %s",
@@ -128,11 +141,20 @@ class BestModelSaver:
             ", ".join(f"{name}={metrics[name]:.4f}" for name in ranked),
             self.checkpoint_path,
         )
+        upper = point.get("fpr_upper")
+        if upper is not None and upper > self.max_fpr:
+            logger.warning("operating point of validation round %d: %s", self.best_epoch, point["statement"])
 
     def operating_point(self, metrics: Mapping[str, float]) -> dict[str, Any]:
-        """The operating point of a round's metrics: a finite threshold, or None with the reason."""
+        """The operating point of a round's metrics: a finite threshold, or None with the reason, with the counts it
+        was chosen on, the bound of its false-alarm rate and the statement in words."""
         threshold = metrics.get(self.threshold_metric, math.nan)
         point: dict[str, Any] = {"max_fpr": self.max_fpr, "metric": self.metric, "value": metrics[self.metric]}
+        base = self.threshold_metric.removesuffix("_threshold")
+        for count in ("negatives", "positives", "false_alarms"):
+            value = metrics.get(f"{base}_{count}", math.nan)
+            if math.isfinite(value):
+                point[count] = int(value)
         if math.isfinite(threshold):
             point["threshold"] = float(threshold)
             point["probability"] = float(score_to_probability(threshold))
@@ -144,10 +166,15 @@ class BestModelSaver:
                 if not math.isnan(tpr)
                 else "the validation round had a single class"
             )
+            point.pop("false_alarms", None)
+        if point.get("threshold") is not None and {"negatives", "false_alarms"} <= point.keys():
+            point["fpr_upper"] = fpr_upper_bound(point["false_alarms"], point["negatives"])
+            point["confidence"] = CONFIDENCE
+        point["unit"] = self.unit
+        point["statement"] = operating_point_words(point)
         return point
 
-    def _save(self, metrics: dict[str, float], epoch: int) -> None:
-        point = self.operating_point(metrics)
+    def _save(self, point: dict[str, Any], metrics: dict[str, float], epoch: int) -> None:
         weights = {name: tensor.detach().cpu() for name, tensor in unwrap(self.network).state_dict().items()}
         checkpoint: dict[str, Any] = {"model": weights, "operating_point": point, "epoch": epoch, "metrics": metrics}
         if self.model_spec is not None:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from monai.handlers import MLFlowHandler
 
+from medgain.data.phi import pseudonymise_text
 from medgain.handlers.checkpoint_saver import training_state
 from medgain.model_file import save_checkpoint
 
@@ -41,7 +42,9 @@ class TrainingFailureHandler:
     the trainer's (the engine itself), in the format of MONAI's ``CheckpointSaver`` / ``CheckpointLoader``, written
     atomically, so a run resumes from it with ``--resume_from`` (list the tracking handler in ``save_dict`` to
     resume into the same MLflow run). The MLflow run keeps everything logged so far and gets an
-    ``error`` tag with the root cause (e.g. "path/to/frame.png: cannot decode image ...").
+    ``error`` tag with the root cause, its paths and file names as salted pseudonyms
+    (:func:`medgain.data.phi.pseudonymise_text`, e.g. "f-3b5e910360275bb4: cannot decode image ..."); the local
+    log keeps the real names, with the pseudonyms beside them.
 
     Args:
         mlflow_handler: MONAI ``MLFlowHandler`` that owns the run, or None.
@@ -80,8 +83,12 @@ class TrainingFailureHandler:
         run = self.mlflow_handler.cur_run if self.mlflow_handler is not None else None
         if run is not None:
             cause = root_cause(error)
+            message = f"{type(cause).__name__}: {cause}"
+            tagged = pseudonymise_text(message)
+            if tagged != message:
+                logger.error("training failed: %s (in MLflow, as the tag error: %s)", message, tagged)
             client = self.mlflow_handler.client
-            client.set_tag(run.info.run_id, "error", f"{type(cause).__name__}: {cause}"[:5000])
+            client.set_tag(run.info.run_id, "error", tagged[:5000])
             client.set_terminated(run.info.run_id, "FAILED")
             self.mlflow_handler.cur_run = None
         raise error

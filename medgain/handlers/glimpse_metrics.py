@@ -10,6 +10,7 @@ from ignite.metrics import Accuracy, Fbeta, Metric
 from ignite.metrics.metric import reinit__is_reduced
 
 from medgain.handlers.auc import AUC
+from medgain.handlers.operating_point import OperatingPointMetrics
 from medgain.handlers.tpr_at_fpr import TPRAtFPR
 from medgain.metrics import decisions_and_labels, stack_output
 
@@ -152,7 +153,7 @@ class GlimpseStatistic(Metric):
 
 
 def glimpse_metrics(
-    prefix: str = "val", num_glimpses: int = 4, key_metric: str | None = None
+    prefix: str = "val", num_glimpses: int = 4, key_metric: str | None = None, checkpoint: str | None = None
 ) -> tuple[dict[str, Metric], dict[str, Metric]]:
     """Classification and location metrics of a glimpse model for a MONAI ``SupervisedEvaluator``.
 
@@ -160,10 +161,17 @@ def glimpse_metrics(
     ``<prefix>_accuracy`` and ``<prefix>_f1`` (decision at probability 0.5), ``<prefix>_glimpse_<statistic>``
     for each of :func:`glimpse_statistics` and ``<prefix>_glimpse_<t>_accuracy`` for every glimpse.
 
+    With ``checkpoint`` (evaluating a trained model) the decisions are also taken at the model's stored operating
+    point (:class:`~medgain.handlers.operating_point.OperatingPointMetrics`): ``<prefix>_sensitivity``,
+    ``<prefix>_specificity``, ``<prefix>_false_alarms``, ``<prefix>_false_alarms_per_1000``, ``<prefix>_accuracy``
+    (replacing the accuracy at 0.5), ``<prefix>_fpr_upper`` and ``<prefix>_fpr_above_bound`` (the false-alarm rate
+    measured above the bound the point was stored with).
+
     Args:
         prefix: name prefix, e.g. "val" or "test".
         num_glimpses: glimpses per image.
         key_metric: the evaluator's key metric; default ``<prefix>_auc``.
+        checkpoint: model file whose operating point the decisions use; None on validation rounds.
 
     Returns:
         ``(key_val_metric, additional_metrics)``.
@@ -182,6 +190,10 @@ def glimpse_metrics(
         metrics[f"{prefix}_glimpse_{statistic}"] = GlimpseStatistic(statistic)
     for t in range(num_glimpses):
         metrics[f"{prefix}_glimpse_{t}_accuracy"] = GlimpseStatistic(f"glimpse_{t}_accuracy")
+    if checkpoint is not None:
+        del metrics[f"{prefix}_accuracy"]
+        at_point = OperatingPointMetrics(prefix, checkpoint=checkpoint)
+        metrics[at_point.names[0]] = at_point
     key = key_metric or f"{prefix}_auc"
     if key not in metrics:
         raise ValueError(f"key_metric {key!r} is not one of {sorted(metrics)}")

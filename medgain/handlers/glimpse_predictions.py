@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import csv
+import math
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -11,10 +12,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
 
+from medgain.data.phi import frame_ref
 from medgain.handlers.glimpse_overlay import draw_glimpses, glimpse_boxes
 from medgain.handlers.prediction_writer import PredictionCSVWriter
 from medgain.handlers.utils import batch_has, class_indices, log_artifact, require_keys, sample_ids
 from medgain.metrics.scores import positive_score, score_to_probability, stack_output
+from medgain.outputs import write_atomic, write_csv_atomic
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -114,23 +117,39 @@ class GlimpsePredictionWriter(PredictionCSVWriter):
             if self.overlays:
                 folder = self.output_dir / "glimpses"
                 folder.mkdir(parents=True, exist_ok=True)
-                draw_glimpses(images[i], centers[i], scales[i]).save(folder / f"{Path(path).stem}_f{frame}.png")
+                overlay = draw_glimpses(images[i], centers[i], scales[i])
+                write_atomic(folder / f"{Path(path).stem}_f{frame}.png", lambda f, im=overlay: im.save(f, format="PNG"))
 
     def write(self, engine: Engine | None = None) -> Path:
-        """Write (and log) the CSV file; returns its path."""
+        """Write the CSV file whole or not at all (frames with a non-finite score go to the errors file, with no
+        decision), then log a copy keyed by pseudonyms; returns its path.
+
+        Raises:
+            OSError: naming the file that cannot be written; an earlier file under that name is intact.
+        """
+        refused = [row for row in self.rows if not math.isfinite(row[2])]
+        self.rows = [row for row in self.rows if math.isfinite(row[2])]
+        if refused:
+            self._add_errors([row[:5] for row in refused])
+        self._write_table(self.output_path, pseudonymise=False)
+        if self.mlflow_handler is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                logged = Path(tmp) / self.output_path.name
+                self._write_table(logged, pseudonymise=True)
+                log_artifact(self.mlflow_handler, logged, None)
+        return self.output_path
+
+    def _write_table(self, path: Path, pseudonymise: bool) -> None:
         with_labels = any(row[4] is not None for row in self.rows)
         glimpses = max((len(row[5]) for row in self.rows), default=0)
-        self.output_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.output_path, "w", newline="") as f:
-            writer = csv.writer(f)
-            header = ["file", "frame", "score", "probability", "decision"] + (["label"] if with_labels else [])
-            header += [f"glimpse{t}_{k}" for t in range(glimpses) for k in ("x", "y", "width", "height")]
-            writer.writerow(header)
-            for path, frame, score, decision, label, boxes in self.rows:
-                row = [path, frame, repr(score), f"{float(score_to_probability(score)):.6g}"]
-                row.append("" if decision is None else decision)
-                row += ["" if label is None else label] if with_labels else []
-                row += [f"{v:.2f}" for box in boxes for v in box]
-                writer.writerow(row)
-        log_artifact(self.mlflow_handler, self.output_path, None)
-        return self.output_path
+        header = ["ref" if pseudonymise else "file", "frame", "score", "probability", "decision"]
+        header += ["label"] if with_labels else []
+        header += [f"glimpse{t}_{k}" for t in range(glimpses) for k in ("x", "y", "width", "height")]
+        rows = []
+        for source, frame, score, decision, label, boxes in self.rows:
+            name = frame_ref(source, frame) if pseudonymise else source
+            row = [name, frame, repr(score), f"{float(score_to_probability(score)):.6g}"]
+            row.append("" if decision is None else decision)
+            row += ["" if label is None else label] if with_labels else []
+            rows.append(row + [f"{v:.2f}" for box in boxes for v in box])
+        write_csv_atomic(path, header, rows)

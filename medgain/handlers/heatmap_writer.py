@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -14,6 +15,7 @@ from PIL import Image
 from medgain.attention import normalize_cam
 from medgain.handlers.utils import attach_once, require_keys, sample_ids
 from medgain.metrics.scores import stack_output
+from medgain.outputs import write_atomic
 from medgain.visualize import cam_overlay
 
 if TYPE_CHECKING:
@@ -40,7 +42,8 @@ class HeatmapWriter:
     release the GIL) while the engine goes on with the next batch; each iteration first waits for the previous
     batch's files, and ``Events.COMPLETED`` for the last ones, so every file is on disk when the run completes and
     a write error is raised (one iteration late at most; without ``attach``, call :meth:`finish` after the last
-    batch). The files are the same as with ``num_threads=0``.
+    batch). The files are the same as with ``num_threads=0``. Every file is written through a temporary file and
+    a rename, so no map is ever half written; a failed write names the file.
 
     Args:
         output_dir: folder under which ``heatmaps/`` is created.
@@ -130,8 +133,10 @@ class HeatmapWriter:
                 self._pool = None
 
     def _write(self, name: str, image: torch.Tensor, cam01: torch.Tensor) -> None:
-        """The PNG overlay and the NIfTI map of one frame."""
+        """The PNG overlay and the NIfTI map of one frame, each through a temporary file and a rename."""
         overlay = Image.fromarray(cam_overlay(image, cam01, alpha=self.alpha))
-        overlay.save(self.output_dir / f"{name}.png", compress_level=self.compress_level)
+        png = self.output_dir / f"{name}.png"
+        write_atomic(png, lambda f: overlay.save(f, format="PNG", compress_level=self.compress_level))
         volume = nib.Nifti1Image(cam01[0].numpy().astype(np.float32), np.eye(4))
-        nib.save(volume, self.output_dir / f"{name}.nii.gz")
+        content = gzip.compress(volume.to_bytes(), compresslevel=1, mtime=0)
+        write_atomic(self.output_dir / f"{name}.nii.gz", lambda f: f.write(content))

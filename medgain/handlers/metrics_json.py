@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from mlflow.entities import Metric, RunTag
 
+from medgain.data.phi import pseudonymise_text
 from medgain.handlers.utils import active_run_id, attach_once, finite_or_none, log_artifact, metrics_as_floats
 
 if TYPE_CHECKING:
@@ -57,8 +58,9 @@ class MetricsJSONWriter:
         notes = dict(getattr(engine.state, "metric_notes", None) or {})
         notes_path = self.output_path.with_name(f"{self.output_path.stem}_notes.json")
         notes_path.unlink(missing_ok=True)
-        if notes:
-            notes_path.write_text(json.dumps(notes, indent=2, sort_keys=True) + "\n")
+        if notes:  # the file is logged to MLflow: its paths and names as pseudonyms; the local log keeps them
+            shared = {name: pseudonymise_text(str(note)) for name, note in notes.items()}
+            notes_path.write_text(json.dumps(shared, indent=2, sort_keys=True) + "\n")
             for name, note in sorted(notes.items()):
                 logger.warning("%s: %s", name, note)
         if self.mlflow_handler is None:

@@ -15,6 +15,7 @@ import torch
 from mlflow.entities import Metric
 
 from medgain.handlers.best_checkpoint import BestModelSaver
+from medgain.metrics.confidence import operating_point_words
 from medgain.handlers.utils import active_run_id, attach_once
 from medgain.model_file import load_checkpoint, load_model_weights, unwrap
 from medgain.tracking.buffered import BufferedClient
@@ -46,7 +47,7 @@ def describe_model(checkpoint: dict[str, Any], run_name: str) -> str:
     else:
         lines.append(
             f"Operating point: ill when log-odds >= {point['threshold']:.6g} (p >= {point['probability']:.6g}), "
-            f"chosen on validation for FPR <= {point['max_fpr']:g}."
+            f"chosen on validation for FPR <= {point['max_fpr']:g}: {operating_point_words(point)}."
         )
     return "\n".join(lines)
 
@@ -56,7 +57,8 @@ class ModelRegistration:
 
     On the training run it logs ``best_epoch`` and the best round's metrics as ``best_<name>`` (e.g.
     ``best_val_auc``). With ``registered_model_name`` it logs the best checkpoint's network with MLflow's PyTorch
-    flavour (input / output signature from the model spec) under the run's ``model/`` artifacts, creates ONE new
+    flavour in its pickle-free ``pt2`` format (``torch.export``; input / output signature from the model spec)
+    under the run's ``model/`` artifacts, creates ONE new
     version of the registered model with a description (figures, operating point) and tags, points the alias
     ``alias`` at it, tags the run with the version, and writes the provenance (run id, model name and version)
     into the checkpoint so that evaluation runs can link back. A model without an operating point is registered
@@ -120,6 +122,8 @@ class ModelRegistration:
         }
         if point.get("threshold") is None:
             tags["operating_point"] = f"none: {point.get('reason')}"
+        else:
+            tags["operating_point.statement"] = operating_point_words(point)  # also for files that predate it
         if isinstance(client, BufferedClient):  # registered when the journal reaches the server
             description = describe_model(checkpoint, self.mlflow_handler.cur_run.info.run_name)
             client.register_model(
@@ -149,20 +153,27 @@ class ModelRegistration:
             )
         network = copy.deepcopy(unwrap(self.best_model.network)).cpu().eval()
         load_model_weights(network, path)
+        # a batch of 2 (not 1) keeps the exported batch dimension dynamic; zeros: only the shapes are traced
+        example = [np.zeros((2, spec["in_channels"], *spec["image_size"]), np.float32)]
+        inputs = [TensorSpec(np.dtype(np.float32), (-1, spec["in_channels"], *spec["image_size"]), "image")]
+        if getattr(network, "num_metadata", 0):  # a fused model: forward(image, metadata)
+            example.append(np.zeros((2, network.num_metadata), np.float32))
+            inputs.append(TensorSpec(np.dtype(np.float32), (-1, network.num_metadata), "metadata"))
         signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec["in_channels"], *spec["image_size"]), "image")]),
+            inputs=Schema(inputs),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec["num_classes"]), "logits")]),
         )
         from medgain import __version__
 
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / "model"
-            mlflow.pytorch.save_model(
+            mlflow.pytorch.save_model(  # pt2: torch.export's graph format, loaded without unpickling code
                 network,
                 local,
                 signature=signature,
+                input_example=tuple(example),
                 pip_requirements=[f"medgain=={__version__}", f"torch=={torch.__version__.split('+')[0]}"],
-                serialization_format="pickle",
+                serialization_format="pt2",
                 metadata={"model_spec": spec, "operating_point": checkpoint["operating_point"]},
             )
             self.mlflow_handler.client.log_artifacts(run_id, str(local), "model")

@@ -38,7 +38,9 @@ class NonFiniteLossError(FloatingPointError):
 class NonFiniteLossHandler:
     """Checks the loss of every iteration after the backward pass and before the optimizer step.
 
-    A NaN / inf loss raises :class:`NonFiniteLossError` naming the epoch, the iteration and the batch's files;
+    A NaN / inf loss raises :class:`NonFiniteLossError` naming the epoch, the iteration and the batch's files,
+    or, when some of the batch's images hold NaN / inf pixels, only those images' files (the inputs that caused
+    it);
     the weights and optimizer state are those of the last good step, so the trainer's
     :class:`~medgain.handlers.TrainingFailureHandler` saves a good, resumable state and marks the MLflow run
     FAILED with this reason. With ``max_skipped`` > 0, up to that many such batches are skipped instead (their
@@ -49,14 +51,22 @@ class NonFiniteLossHandler:
         max_skipped: non-finite batches to skip over the whole run before stopping.
         path_key: batch key of the samples' source files (named in the error), when the batch has it.
         loss_key: key of the loss in ``engine.state.output``.
+        image_key: batch key of the input images, checked for non-finite pixels when the loss is not finite.
     """
 
-    def __init__(self, max_skipped: int = 0, path_key: str = "image_path", loss_key: str = CommonKeys.LOSS) -> None:
+    def __init__(
+        self,
+        max_skipped: int = 0,
+        path_key: str = "image_path",
+        loss_key: str = CommonKeys.LOSS,
+        image_key: str = CommonKeys.IMAGE,
+    ) -> None:
         if max_skipped < 0:
             raise ValueError(f"NonFiniteLossHandler: max_skipped must be >= 0, got {max_skipped}")
         self.max_skipped = int(max_skipped)
         self.path_key = path_key
         self.loss_key = loss_key
+        self.image_key = image_key
         self.skipped = 0
 
     def attach(self, engine: Engine) -> None:
@@ -71,6 +81,14 @@ class NonFiniteLossHandler:
         """Restore the skip count."""
         self.skipped = int(state["skipped"])
 
+    def _non_finite_inputs(self, batch: object) -> list[int]:
+        """Indices of the batch's samples whose image holds a NaN / inf pixel (empty without an image tensor)."""
+        image = batch.get(self.image_key) if isinstance(batch, dict) else None
+        if not isinstance(image, torch.Tensor) or image.ndim == 0 or not image.is_floating_point():
+            return []
+        finite = torch.isfinite(image.detach()).reshape(image.shape[0], -1).all(dim=1)
+        return torch.nonzero(~finite).flatten().tolist()
+
     def __call__(self, engine: Engine) -> None:
         """Stop (or skip) on a non-finite loss."""
         value = engine.state.output[self.loss_key]
@@ -81,7 +99,11 @@ class NonFiniteLossHandler:
         batch = engine.state.batch
         files = batch_strings(batch, self.path_key) if batch_has(batch, self.path_key) else []
         at = f"epoch {engine.state.epoch}, iteration {engine.state.iteration}"
-        if bad_here:
+        bad_inputs = self._non_finite_inputs(batch) if bad_here else []
+        if bad_inputs:
+            named = ", ".join(files[i] for i in bad_inputs) if files else f"samples {bad_inputs} of the batch"
+            where = f"non-finite loss ({loss}) at {at}: non-finite input pixels (NaN / inf) in {named}"
+        elif bad_here:
             batch_files = ", ".join(files) if files else f"(no {self.path_key!r} in the batch)"
             where = f"non-finite loss ({loss}) at {at}; batch: {batch_files}"
         else:

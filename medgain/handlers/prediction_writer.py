@@ -16,6 +16,7 @@ from medgain.data.phi import frame_ref
 from medgain.handlers.utils import attach_once, batch_has, class_indices, log_artifact, require_keys, sample_ids
 from medgain.metrics.scores import positive_score, score_to_probability, stack_output
 from medgain.model_file import decision_threshold, load_operating_point
+from medgain.outputs import write_csv_atomic
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -35,9 +36,14 @@ class PredictionCSVWriter:
     ``label_key`` (left empty for rows whose batch has none). The threshold is ``threshold``, or the operating
     point of ``checkpoint`` (read when the engine starts). A checkpoint without an operating point gets no
     decisions: the column is left empty and the refusal is logged as an error (scores and probabilities are
-    still written). Rows are buffered and written at ``Events.COMPLETED``, then logged to MLflow when a handler
-    is given. What reaches MLflow names no file: the logged copy has a ``ref`` column (the salted pseudonym of
-    the frame, :func:`medgain.data.phi.frame_ref`) instead of ``file``; the local file keeps the paths.
+    still written). A frame whose score is not finite (NaN / inf: an input that cannot be read as an image, or a
+    model that diverged) gets no row, no score and no decision: it is added to ``output_dir/errors_filename``
+    (``file, reason``, after the rows already there) and counted in a logged error. Rows are buffered and
+    written at ``Events.COMPLETED`` through a temporary file and a rename (a failed write names the file and
+    leaves an earlier file intact), then logged to MLflow when a handler is given. What reaches MLflow names no
+    file: the logged copy has a ``ref`` column (the salted pseudonym of the frame,
+    :func:`medgain.data.phi.frame_ref`) instead of ``file``; the local files keep the paths, and the errors
+    file is not logged.
 
     Args:
         output_dir: folder of the CSV file; created when missing.
@@ -49,6 +55,7 @@ class PredictionCSVWriter:
         frame_key: batch key of the frame indices.
         label_key: batch key of the class indices (0 = healthy).
         mlflow_handler: the MONAI ``MLFlowHandler`` owning the run, or None to only write the file.
+        errors_filename: CSV file (in ``output_dir``) that receives the frames refused for a non-finite score.
     """
 
     def __init__(
@@ -61,6 +68,7 @@ class PredictionCSVWriter:
         frame_key: str = "frame",
         label_key: str = "label",
         mlflow_handler: MLFlowHandler | None = None,
+        errors_filename: str = "errors.csv",
     ) -> None:
         if (threshold is None) == (checkpoint is None):
             raise ValueError(
@@ -70,6 +78,7 @@ class PredictionCSVWriter:
         if threshold is not None and not math.isfinite(threshold):
             raise ValueError(f"PredictionCSVWriter: threshold must be finite, got {threshold}")
         self.output_path = Path(output_dir) / filename
+        self.errors_path = Path(output_dir) / errors_filename
         self.threshold = None if threshold is None else float(threshold)
         self.checkpoint = checkpoint
         self.path_key = path_key
@@ -114,8 +123,15 @@ class PredictionCSVWriter:
             self.rows.append((path, frame, score, decision, label))
 
     def write(self, engine: Engine | None = None) -> None:
-        """Write the CSV file and log its pseudonymised copy."""
-        self.output_path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the CSV file (and the refused frames into the errors file), then log the pseudonymised copy.
+
+        Raises:
+            OSError: naming the file that cannot be written; an earlier file under that name is intact.
+        """
+        refused = [row for row in self.rows if not math.isfinite(row[2])]
+        self.rows = [row for row in self.rows if math.isfinite(row[2])]
+        if refused:
+            self._add_errors(refused)
         self._write_csv(self.output_path, pseudonymise=False)
         if self.mlflow_handler is None:
             return
@@ -124,14 +140,29 @@ class PredictionCSVWriter:
             self._write_csv(logged, pseudonymise=True)
             log_artifact(self.mlflow_handler, logged, None)
 
+    def _add_errors(self, refused: list[tuple[str, int, float, int | None, int | None]]) -> None:
+        """Append the frames with a non-finite score to the errors file (keeping the rows already there)."""
+        earlier: list[list[str]] = []
+        if self.errors_path.is_file():
+            with self.errors_path.open(newline="") as f:
+                earlier = [[row.get("file", ""), row.get("reason", "")] for row in csv.DictReader(f)]
+        new = [
+            [path, f"frame {frame}: the model's score is not finite ({score}); the input cannot be read as an "
+             "image (or the model diverged): no score and no decision"]
+            for path, frame, score, _, _ in refused
+        ]
+        write_csv_atomic(self.errors_path, ["file", "reason"], earlier + new)
+        logger.error(
+            "%d frame(s) got a non-finite score and no decision; they are listed in %s", len(refused), self.errors_path
+        )
+
     def _write_csv(self, path: Path, pseudonymise: bool) -> None:
         with_labels = any(row[4] is not None for row in self.rows)
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            header = ["ref" if pseudonymise else "file", "frame", "score", "probability", "decision"]
-            writer.writerow(header + (["label"] if with_labels else []))
-            for path_, frame, score, decision, label in self.rows:
-                name = frame_ref(path_, frame) if pseudonymise else path_
-                row = [name, frame, repr(score), f"{float(score_to_probability(score)):.6g}"]
-                row.append("" if decision is None else decision)
-                writer.writerow(row + (["" if label is None else label] if with_labels else []))
+        header = ["ref" if pseudonymise else "file", "frame", "score", "probability", "decision"]
+        rows = []
+        for path_, frame, score, decision, label in self.rows:
+            name = frame_ref(path_, frame) if pseudonymise else path_
+            row = [name, frame, repr(score), f"{float(score_to_probability(score)):.6g}"]
+            row.append("" if decision is None else decision)
+            rows.append(row + (["" if label is None else label] if with_labels else []))
+        write_csv_atomic(path, header + (["label"] if with_labels else []), rows)

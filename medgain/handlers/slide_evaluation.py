@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from medgain.data.phi import study_ref
 from medgain.handlers.utils import attach_once, log_artifact
 from medgain.metrics import CAMELYON_FP_RATES
-from medgain.wsi.evaluate import evaluate_inference
+from medgain.model_file import load_operating_point
+from medgain.wsi.evaluate import evaluate_inference, slide_operating_point
 from medgain.wsi.inference import SlideInferer, collect_slide_scores, output_id, run_inference
 
 if TYPE_CHECKING:
@@ -44,6 +45,12 @@ class SlideEvaluation:
     mean (no countable tumour, failed slides) goes into ``engine.state.metric_notes``, failed slides named by
     their pseudonym.
 
+    With ``checkpoint`` the slides are also decided at the model's stored operating point
+    (:func:`~medgain.wsi.evaluate.slide_operating_point`): ``<prefix>slide_sensitivity``,
+    ``<prefix>slide_specificity``, ``<prefix>slide_false_alarms``, ``<prefix>slide_fpr_upper`` (the normal-slide
+    false-alarm rate its patch bound allows) and ``<prefix>slide_fpr_above_bound`` (1.0, with a warning and a
+    note, when more normal slides are flagged than that).
+
     What reaches MLflow names no slide and no path (slide ids and file names can name patients): a slide is
     referred to by its salted pseudonym ``study_ref(slide id)`` (:mod:`medgain.data.phi`; the ``s-…`` names of
     the slides in ``medgain review``). With an MLflow handler, ``artifact_path/slides.csv``
@@ -66,6 +73,7 @@ class SlideEvaluation:
         dilation_um: tumours are dilated by this many microns (Camelyon16: 75).
         itc_um: tumours shorter than this (isolated tumour cells) are neither hits nor false positives.
         resume: keep the finished slides of an interrupted evaluation of the same model.
+        checkpoint: model file whose operating point decides the slides; None for none.
     """
 
     def __init__(
@@ -82,6 +90,7 @@ class SlideEvaluation:
         dilation_um: float = 75.0,
         itc_um: float = 200.0,
         resume: bool = False,
+        checkpoint: str | None = None,
     ) -> None:
         missing = [i for i, s in enumerate(slides) if not {"slide", "image", "label"} <= set(s)]
         if missing:
@@ -100,6 +109,7 @@ class SlideEvaluation:
         self.dilation_um = float(dilation_um)
         self.itc_um = float(itc_um)
         self.resume = bool(resume)
+        self.checkpoint = checkpoint
         self.metrics: dict[str, float] = {}
 
     def attach(self, engine: Engine) -> None:
@@ -127,9 +137,22 @@ class SlideEvaluation:
             dilation_um=self.dilation_um,
             itc_um=self.itc_um,
         )
+        notes = dict(getattr(engine.state, "metric_notes", None) or {})
+        if self.checkpoint is not None:
+            labels = {output_id(s["image"]): int(s["label"]) for s in self.slides}
+            decided = [r for r in records if r["slide"] in labels]
+            point = load_operating_point(self.checkpoint)
+            figures, note = slide_operating_point(
+                [float(r["score"]) for r in decided], [labels[r["slide"]] for r in decided],
+                [int(r.get("n_patches", 0)) for r in decided], point,
+            )
+            result = {**result, **figures}
+            notes.pop(f"{self.prefix}slide_fpr_above_bound", None)
+            if note:
+                notes[f"{self.prefix}slide_fpr_above_bound"] = note
+                logger.warning("%s: %s", self.checkpoint, note)
         self.metrics = {f"{self.prefix}{name}": float(value) for name, value in result.items()}
         engine.state.metrics.update(self.metrics)
-        notes = dict(getattr(engine.state, "metric_notes", None) or {})
         if math.isnan(result["froc"]):
             notes[f"{self.prefix}froc"] = "no annotated tumour (above the ITC size) among the evaluated slides"
         if summary["failed"]:

@@ -23,7 +23,9 @@ class TPRAtFPR(IgniteMetricHandler):
     threshold means "ill", see :func:`~medgain.metrics.scores.positive_score`) is written to
     ``engine.state.metrics[name + "_threshold"]`` when it is finite; when it is not (TPR 0 at the budget: +inf; a
     single-class epoch: NaN, with a warning) the key is left out, so no infinite threshold is ever logged or
-    stored.
+    stored. What the threshold was chosen on goes to ``name + "_negatives"``, ``name + "_positives"`` and, with a
+    finite threshold, ``name + "_false_alarms"`` (negatives at or above it), from which
+    :class:`~medgain.handlers.best_checkpoint.BestModelSaver` bounds the false-alarm rate of the stored point.
 
     Args:
         max_fpr: the false-alarm budget in [0, 1], e.g. 0.001 for 0.1 %.
@@ -40,9 +42,16 @@ class TPRAtFPR(IgniteMetricHandler):
         )
 
     def completed(self, engine: Engine, name: str) -> None:
-        """Store the TPR under ``name`` and its finite threshold under ``name + "_threshold"``."""
+        """Store the TPR under ``name``, its finite threshold under ``name + "_threshold"`` and the counts."""
         super().completed(engine, name)
-        if math.isfinite(self.metric_fn.threshold):
+        finite = math.isfinite(self.metric_fn.threshold)
+        if finite:
             engine.state.metrics[f"{name}_threshold"] = self.metric_fn.threshold
         else:
             engine.state.metrics.pop(f"{name}_threshold", None)
+        for count in ("negatives", "positives", "false_alarms"):
+            value = self.metric_fn.counts.get(count)
+            if value is None or (count == "false_alarms" and not finite):
+                engine.state.metrics.pop(f"{name}_{count}", None)
+            else:
+                engine.state.metrics[f"{name}_{count}"] = float(value)

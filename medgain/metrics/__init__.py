@@ -1,6 +1,13 @@
 """medgain.metrics: classification scores, TPR at a low false-alarm rate and attention localisation."""
 
 from medgain.metrics.bootstrap import auc_score, bootstrap_auc, oof_auc_summary, weighted_auc
+from medgain.metrics.confidence import (
+    CONFIDENCE,
+    format_percent_upper,
+    fpr_upper_bound,
+    negatives_needed,
+    operating_point_words,
+)
 from medgain.metrics.froc import CAMELYON_FP_RATES, FROCResult, froc, lesion_regions, slide_auc
 from medgain.metrics.localization import (
     AttentionInMaskMetric,
@@ -29,6 +36,11 @@ from medgain.metrics.scores import (
 from medgain.metrics.unveil import UnveilCounts, equal_area_mask, lesion_instances, unveil_counts, unveil_recall
 
 __all__ = [
+    "CONFIDENCE",
+    "format_percent_upper",
+    "fpr_upper_bound",
+    "negatives_needed",
+    "operating_point_words",
     "CAMELYON_FP_RATES",
     "FROCResult",
     "froc",

@@ -193,11 +193,13 @@ class TPRAtFPRMetric(CumulativeIterationMetric):
         super().__init__()
         self.max_fpr = float(max_fpr)
         self.threshold = math.nan
+        self.counts: dict[str, int] = {}
 
     def reset(self) -> None:
-        """Empty the buffers and forget the last threshold."""
+        """Empty the buffers and forget the last threshold and counts."""
         super().reset()
         self.threshold = math.nan
+        self.counts = {}
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
         """Flatten one score and one 0/1 label per sample to (B,) each."""
@@ -210,8 +212,16 @@ class TPRAtFPRMetric(CumulativeIterationMetric):
         return [y_pred.reshape(batch).double(), y.reshape(-1)]
 
     def aggregate(self) -> float:  # type: ignore[override]
-        """TPR at ``max_fpr`` over everything accumulated; NaN with a warning when only one class was seen."""
+        """TPR at ``max_fpr`` over everything accumulated; NaN with a warning when only one class was seen.
+
+        Also stores in ``self.counts`` what the threshold was chosen on: ``negatives``, ``positives`` and, when the
+        threshold is not NaN, ``false_alarms`` (negatives scoring at or above it; 0 for +inf).
+        """
         buffers = self.get_buffer()
         scores, labels = buffers if buffers is not None else (torch.zeros(0), torch.zeros(0))
         tpr, self.threshold = tpr_at_fpr(scores, labels, self.max_fpr)
+        s, y = checked_scores(scores, labels, "TPRAtFPRMetric")
+        self.counts = {"negatives": int((y == 0).sum()), "positives": int((y == 1).sum())}
+        if not math.isnan(self.threshold):
+            self.counts["false_alarms"] = int(((y == 0) & (s >= self.threshold)).sum())
         return tpr

@@ -5,6 +5,7 @@ from medgain.networks.classifiers import IMAGENET_NORMALIZATION, TARGET_LAYERS, 
 from medgain.networks.fusion import FusionClassifier, backbone_features
 from medgain.networks.param_groups import backbone_head_param_groups
 from medgain.networks.glimpse import (
+    GlimpseLogitsNetwork,
     GlimpseOutput,
     RecurrentGlimpseNetwork,
     gaussian_filterbank,
@@ -21,6 +22,7 @@ __all__ = [
     "IMAGENET_NORMALIZATION",
     "default_normalization",
     "TARGET_LAYERS",
+    "GlimpseLogitsNetwork",
     "GlimpseOutput",
     "RecurrentGlimpseNetwork",
     "build_classifier",

@@ -82,16 +82,25 @@ class FusionClassifier(nn.Module):
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(image_features + width, num_classes))
 
     def forward(self, image: torch.Tensor, metadata: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, num_classes) of images (B, C, H, W) and their encoded metadata (B, num_metadata)."""
+        """Logits (B, num_classes) of images (B, C, H, W) and their encoded metadata (B, num_metadata).
+
+        ``metadata`` may also be nested lists of numbers, the form in which MONAI's ``verify_net_in_out``
+        passes ``--extra_forward_args`` from the command line (bundles/dermoscopy_gain/docs/README.md). The
+        network is scriptable (``torch.jit.script``, MONAI's ``ckpt_export``): hence the string concatenation in
+        the errors.
+        """
         features = self.image_branch(image)
         if self.num_metadata:
             if metadata is None:
-                raise ValueError(f"FusionClassifier expects metadata of {self.num_metadata} features, got none")
-            metadata = metadata.reshape(metadata.shape[0], -1).to(features.dtype)
-            if metadata.shape != (image.shape[0], self.num_metadata):
                 raise ValueError(
-                    f"FusionClassifier: metadata of shape {tuple(metadata.shape)} for {image.shape[0]} images of "
-                    f"{self.num_metadata} features"
+                    "FusionClassifier expects metadata of " + str(self.num_metadata) + " features, got none"
                 )
-            features = torch.cat([features, self.metadata_branch(metadata)], dim=1)
+            vector = torch.as_tensor(metadata, dtype=features.dtype, device=features.device)
+            vector = vector.reshape(vector.shape[0], -1)
+            if vector.shape[0] != image.shape[0] or vector.shape[1] != self.num_metadata:
+                raise ValueError(
+                    "FusionClassifier: metadata of shape " + str(list(vector.shape)) + " for "
+                    + str(image.shape[0]) + " images of " + str(self.num_metadata) + " features"
+                )
+            features = torch.cat([features, self.metadata_branch(vector)], dim=1)
         return self.head(features)

@@ -16,6 +16,7 @@ from torch import nn
 from medgain.networks.classifiers import build_classifier
 
 __all__ = [
+    "GlimpseLogitsNetwork",
     "GlimpseOutput",
     "RecurrentGlimpseNetwork",
     "gaussian_filterbank",
@@ -23,8 +24,6 @@ __all__ = [
     "glimpse_geometry",
     "glimpse_encoder",
 ]
-
-_MIN_SIGMA = 0.5  # pixels: narrower Gaussians fall between pixels and pass almost no gradient
 
 
 def gaussian_filterbank(
@@ -46,7 +45,9 @@ def gaussian_filterbank(
     """
     offsets = torch.arange(size, device=centers.device, dtype=centers.dtype) - (size - 1) / 2.0
     mu = centers[..., None] + offsets * strides[..., None]  # (B, G, size)
-    sig = sigmas.clamp_min(_MIN_SIGMA)[..., None, None]
+    # at least 0.5 pixels: narrower Gaussians fall between pixels and pass almost no gradient (a literal, as
+    # TorchScript compiles this function and reads no module-level floats)
+    sig = sigmas.clamp_min(0.5)[..., None, None]
     positions = torch.arange(length, device=centers.device, dtype=centers.dtype)
     weights = torch.exp(-0.5 * ((positions - mu[..., None]) / sig) ** 2)
     # mass of the Gaussian on the whole (unbounded) integer grid, summed around mu
@@ -75,14 +76,16 @@ def gaussian_glimpses(
     Raises:
         ValueError: on inconsistent shapes.
     """
+    # errors by concatenation: the function is compiled by torch.jit.script (TorchScript export of the network)
     if images.ndim != 4:
-        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
-    b, _, h, w = images.shape
-    if centers.shape[0] != b or centers.ndim != 3 or centers.shape[2] != 2:
-        raise ValueError(f"centers must be (B={b}, G, 2), got shape {tuple(centers.shape)}")
-    if strides.shape != centers.shape[:2] or sigmas.shape != centers.shape[:2]:
+        raise ValueError("images must be (B, C, H, W), got shape " + str(list(images.shape)))
+    b, h, w = images.shape[0], images.shape[2], images.shape[3]
+    if centers.ndim != 3 or centers.shape[0] != b or centers.shape[2] != 2:
+        raise ValueError("centers must be (B=" + str(b) + ", G, 2), got shape " + str(list(centers.shape)))
+    if list(strides.shape) != list(centers.shape[:2]) or list(sigmas.shape) != list(centers.shape[:2]):
         raise ValueError(
-            f"strides {tuple(strides.shape)} and sigmas {tuple(sigmas.shape)} must be (B, G) = {tuple(centers.shape[:2])}"
+            "strides " + str(list(strides.shape)) + " and sigmas " + str(list(sigmas.shape))
+            + " must be (B, G) = " + str(list(centers.shape[:2]))
         )
     dtype = images.dtype
     fx = gaussian_filterbank(centers[..., 0].to(dtype), strides.to(dtype), sigmas.to(dtype), size, w)
@@ -106,7 +109,7 @@ def glimpse_geometry(
     Returns:
         ``(centers (B, G, 2) in pixels, strides (B, G), sigmas (B, G))``.
     """
-    extent = centers.new_tensor([width - 1, height - 1])
+    extent = torch.tensor([float(width - 1), float(height - 1)], dtype=centers.dtype, device=centers.device)
     pixels = (centers + 1.0) * 0.5 * extent
     strides = scales * min(height, width) / size
     return pixels, strides, strides * sigma_ratio
@@ -302,9 +305,16 @@ class RecurrentGlimpseNetwork(nn.Module):
 
     def forward(self, images: torch.Tensor) -> GlimpseOutput:
         """Run all glimpses on (B, C, H, W) images."""
-        b, _, h, w = images.shape
+        return self.run_glimpses(images)
+
+    def run_glimpses(self, images: torch.Tensor) -> GlimpseOutput:
+        """Run all glimpses on (B, C, H, W) images (the forward; subclasses pick from its output)."""
+        h, w = images.shape[2], images.shape[3]
         state, cell = self.context(images)
-        centers, scales, features, glimpse_logits = [], [], [], []
+        centers: list[torch.Tensor] = []
+        scales: list[torch.Tensor] = []
+        features: list[torch.Tensor] = []
+        glimpse_logits: list[torch.Tensor] = []
         for step in range(self.num_glimpses):
             centre, scale = self.locate(state, step)
             pixels, strides, sigmas = glimpse_geometry(
@@ -328,3 +338,16 @@ class RecurrentGlimpseNetwork(nn.Module):
             glimpse_size=self.glimpse_size,
             sigma_ratio=self.sigma_ratio,
         )
+
+
+class GlimpseLogitsNetwork(RecurrentGlimpseNetwork):
+    """:class:`RecurrentGlimpseNetwork` whose forward returns the aggregate ``logits`` (B, C) only.
+
+    The form MONAI's bundle tools expect of a classifier (``verify_net_in_out`` reads ``output.shape``,
+    ``ckpt_export`` scripts the forward) and the TorchScript export a partner runs; same arguments, modules and
+    state dict as :class:`RecurrentGlimpseNetwork`, so a model file of one loads into the other.
+    """
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Logits (B, num_classes) of (B, C, H, W) images."""
+        return self.run_glimpses(images).logits

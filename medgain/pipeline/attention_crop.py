@@ -21,33 +21,43 @@ Stages (each skipped when its output exists, so an interrupted pipeline resumes 
 
 MLflow: one parent run per pipeline, a child run per stage and, under the training stages, the bundle's runs of
 each fold (training and test evaluation) as their children; crops, overlays and box table are artifacts of the
-``crops`` stage run, the figures metrics of the ``ensemble`` stage run and of the parent.
+``crops`` stage run, the figures metrics of the ``ensemble`` stage run and of the parent. Nothing logged names a
+data file or a patient: the fold and box tables are logged with an image's salted pseudonym
+(:func:`medgain.data.phi.frame_ref`, column ``ref``) in place of its path and the patient's
+(:func:`medgain.data.phi.study_ref`) in place of the patient id, crops and overlays as ``<ref>.png``. The local
+outputs keep the real names; ``<output_dir>/pseudonym_map.csv`` (``ref``, ``name``; never logged) maps each
+pseudonym back.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
 
+from medgain.bundle_variables import bundle_variables, unknown_variables
+from medgain.config_yaml import load_yaml_file
 from medgain.crop import box_overlay, write_attention_crops
+from medgain.data.phi import frame_ref, pseudonymise_text, study_ref
 from medgain.data.dermoscopy_splits import TEST_FOLD, dermoscopy_cv_items
 from medgain.ensemble import ensemble_scores, search_ensemble_weights
 from medgain.metrics import bootstrap_auc, oof_auc_summary
-from medgain.model_file import load_checkpoint
+from medgain.model_file import atomic_write, load_checkpoint
 from medgain.pipeline.attention_maps import model_attention_maps
+from medgain.tracking.store import prepare_store
 from medgain.transforms.io import read_frame
 
 __all__ = ["DEFAULT_CONFIG", "load_pipeline_config", "read_predictions", "run_attention_crop"]
@@ -76,6 +86,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 ATTENTION_SOURCES = ("gradcam", "chipnet")
 STAGES = ("full", "chipnet", "crops", "cropnet", "ensemble")
+#: sections of pipeline settings whose keys are all in :data:`DEFAULT_CONFIG` (the others are bundle variables)
+_CLOSED_SECTIONS = ("crop", "ensemble")
+#: the local table of pseudonyms (``ref``, ``name``) under ``output_dir``; never logged
+PSEUDONYM_MAP = "pseudonym_map.csv"
 
 
 def load_pipeline_config(path: str | os.PathLike | None = None, **overrides: Any) -> dict[str, Any]:
@@ -84,7 +98,8 @@ def load_pipeline_config(path: str | os.PathLike | None = None, **overrides: Any
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
-        ValueError: naming the file for unknown keys, a non-mapping section or an unknown attention source.
+        ValueError: naming the file for a repeated key, unknown keys (also in ``crop`` and ``ensemble``), a
+            non-mapping section or an unknown attention source.
     """
     config = json.loads(json.dumps(DEFAULT_CONFIG))
     source = "the defaults"
@@ -93,7 +108,7 @@ def load_pipeline_config(path: str | os.PathLike | None = None, **overrides: Any
         source = str(path)
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: pipeline config not found")
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        loaded = load_yaml_file(path) or {}
         if not isinstance(loaded, Mapping):
             raise ValueError(f"{path}: the pipeline config must be a mapping of settings")
         layers.append((source, loaded))
@@ -106,6 +121,11 @@ def load_pipeline_config(path: str | os.PathLike | None = None, **overrides: Any
             if isinstance(DEFAULT_CONFIG[key], dict):
                 if not isinstance(value, Mapping):
                     raise ValueError(f"{where}: {key!r} must be a mapping, got {value!r}")
+                unknown = sorted(set(value) - set(DEFAULT_CONFIG[key])) if key in _CLOSED_SECTIONS else []
+                if unknown:
+                    raise ValueError(
+                        f"{where}: unknown {key!r} setting(s) {unknown}; known: {sorted(DEFAULT_CONFIG[key])}"
+                    )
                 config[key].update(value)
             else:
                 config[key] = value
@@ -138,10 +158,70 @@ def read_predictions(paths: Sequence[str | os.PathLike]) -> dict[str, tuple[floa
     return scores
 
 
+def _record_pseudonyms(output_dir: Path, names: Mapping[str, str]) -> None:
+    """Add ``pseudonym → real name`` pairs to the local table :data:`PSEUDONYM_MAP` of ``output_dir`` (written
+    atomically, sorted by pseudonym)."""
+    table = output_dir / PSEUDONYM_MAP
+    known: dict[str, str] = {}
+    if table.is_file():
+        with table.open(newline="") as f:
+            known = {row["ref"]: row["name"] for row in csv.DictReader(f)}
+    known.update(names)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["ref", "name"])
+    writer.writerows(sorted(known.items()))
+    atomic_write(table, lambda f: f.write(text.getvalue().encode()))
+
+
+def _shareable_table(source: Path, target: Path) -> dict[str, str]:
+    """Write the copy of a fold or box table (columns ``image``, ``patient``, ...) that is logged: ``image``
+    becomes ``ref``, the image's :func:`~medgain.data.phi.frame_ref`; ``patient`` the patient's
+    :func:`~medgain.data.phi.study_ref`; ``crop`` (a local path; the crops are logged as ``<ref>.png``) is left
+    out; any other cell goes through :func:`~medgain.data.phi.pseudonymise_text`.
+
+    Returns:
+        pseudonym → real name, of every image and patient of the table.
+    """
+    names: dict[str, str] = {}
+    with source.open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = [c for c in reader.fieldnames or [] if c != "crop"]
+        rows = []
+        for row in reader:
+            shared = {}
+            for column in columns:
+                value = row[column]
+                if column == "image":
+                    shared["ref"] = frame_ref(value)
+                    names[shared["ref"]] = value
+                elif column == "patient" and value:
+                    shared[column] = study_ref(value)
+                    names[shared[column]] = value
+                else:
+                    shared[column] = pseudonymise_text(value)
+            rows.append(shared)
+    with target.open("w", newline="") as f:
+        writer = csv.DictWriter(f, ["ref" if c == "image" else c for c in columns])
+        writer.writeheader()
+        writer.writerows(rows)
+    return names
+
+
+def _log_table(client: MlflowClient, run_id: str, table: Path, artifact_path: str | None, output_dir: Path) -> None:
+    """Log the shareable copy of a fold or box table (:func:`_shareable_table`, same file name) to a run, and add
+    its pseudonyms to the local :data:`PSEUDONYM_MAP`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        shared = Path(tmp) / table.name
+        _record_pseudonyms(output_dir, _shareable_table(table, shared))
+        client.log_artifact(run_id, str(shared), artifact_path)
+
+
 class _Tracker:
     """The pipeline's MLflow parent run and its stage runs, remembered in ``pipeline.json`` for resuming."""
 
     def __init__(self, tracking_uri: str, experiment_name: str, state_path: Path, run_name: str) -> None:
+        prepare_store(tracking_uri)  # the "Default" experiment's artifacts beside the store too
         self.client = MlflowClient(tracking_uri)
         experiment = self.client.get_experiment_by_name(experiment_name)
         artifacts = (state_path.parent / "mlruns").resolve().as_uri()  # beside the store, not in the working folder
@@ -292,10 +372,19 @@ def _crop_stage(config: Mapping[str, Any], tracker: _Tracker, data: Mapping[str,
         box_overlay(image, item["box"]).save(overlays / f"{Path(item['source_image']).stem}.png")
     os.replace(partial, table)  # the box table appears last: the stage is complete when it exists
     client = tracker.client
-    client.log_artifact(stage_run, str(table), "crops")
-    client.log_artifacts(stage_run, str(out / "overlays"), "crops/overlays")
-    client.log_artifacts(stage_run, str(out / "crops"), "crops/crops")
-    client.log_batch(stage_run, params=[Param(f"crop_{k}", str(v)) for k, v in settings.items()])
+    output_dir = Path(config["output_dir"])
+    _log_table(client, stage_run, table, "crops", output_dir)
+    with tempfile.TemporaryDirectory() as tmp:  # crops and overlays logged as <ref>.png (ref: the original's)
+        for folder in ("crops", "overlays"):
+            (Path(tmp) / folder).mkdir()
+        for index, item in enumerate(crop_items):
+            ref, stem = frame_ref(item["source_image"]), Path(item["source_image"]).stem
+            shutil.copyfile(item["image"], Path(tmp) / "crops" / f"{ref}.png")
+            if index < int(settings["num_overlays"]):
+                shutil.copyfile(overlays / f"{stem}.png", Path(tmp) / "overlays" / f"{ref}.png")
+        client.log_artifacts(stage_run, str(Path(tmp) / "overlays"), "crops/overlays")
+        client.log_artifacts(stage_run, str(Path(tmp) / "crops"), "crops/crops")
+    client.log_batch(stage_run, params=[Param(f"crop_{k}", pseudonymise_text(str(v))) for k, v in settings.items()])
     tracker.finish(stage_run)
     return out
 
@@ -402,11 +491,24 @@ def run_attention_crop(config_path: str | os.PathLike | None = None, **overrides
 
     Returns:
         the ensemble summary (``ensemble/summary.json``) with ``tracking_uri`` and ``parent_run_id`` added.
+
+    Raises:
+        ValueError: naming the config file, for what :func:`load_pipeline_config` refuses and for a variable of
+            ``common``, ``full``, ``chipnet`` or ``cropnet`` that the bundle's ``train.yaml`` and ``evaluate.yaml``
+            do not define.
     """
     config = load_pipeline_config(config_path, **overrides)
     out = Path(config["output_dir"]).resolve()
     config["output_dir"] = str(out)
     config["bundle"] = str(Path(config["bundle"]).resolve())
+    known = bundle_variables(config["bundle"], ["train.yaml", "evaluate.yaml"])
+    for section in ("common", "full", "chipnet", "cropnet"):
+        unknown = unknown_variables(config[section], known)
+        if unknown:
+            raise ValueError(
+                f"{config_path if config_path is not None else 'the pipeline settings'}: {section!r} sets {unknown}, "
+                f"which the bundle {Path(config['bundle']).name} does not define"
+            )
     dataset = Path(config["dataset_dir"]).resolve()
     mask_dir = dataset / config["masks"] if config["masks"] else None
     data: dict[str, Any] = {
@@ -434,7 +536,7 @@ def run_attention_crop(config_path: str | os.PathLike | None = None, **overrides
         f"attention-crop-{config['attention_source']}-seed{config['seed']}",
     )
     try:
-        tracker.client.log_artifact(tracker.parent, data["folds_csv"])
+        _log_table(tracker.client, tracker.parent, Path(data["folds_csv"]), None, out)
         full = _train_stage("full", config, tracker, data, config["full"])
         members = {"full": full}
         attention = full

@@ -3,14 +3,19 @@ without MLflow, the training data or medgain's source tree.
 
 Layout of the zip::
 
-    configs/inference.yaml      standalone; verifies the package (initialize) before anything runs
+    configs/inference.yaml      standalone inference (run by ``medgain infer`` after it verified the package)
     configs/train.yaml, configs/evaluate.yaml, configs/logging.conf, configs/metadata.json (version bumped)
     models/model.pt             weights, model spec, operating point (torch.load(weights_only=True))
     models/model.ts             TorchScript export of the network (logits of a [0, 1] RGB batch [, metadata])
     docs/README.md, docs/model_card.md, docs/review_report.html
+    LICENSE                     medgain's licence
     requirements.txt            pinned medgain and dependency versions
     wheels/medgain-*.whl        medgain itself (unless left out)
-    manifest.json               sha256 of every file, versions; manifest.sig: Ed25519 signature (--sign-key)
+    manifest.json               sha256 and size of every file, versions; manifest.sig: Ed25519 signature (--sign-key)
+
+The package does not verify itself: ``medgain infer`` (:mod:`medgain.partner`) verifies it, outside its control.
+A version that holds no promoted alias (``champion`` / ``production``) is packaged only when asked explicitly
+(``unpromoted=True``), and its model card and manifest say so.
 
 Nothing of the training data is inside: the model file keeps only the weights, the spec, the operating point and
 the registry name / version; the review report names frames by salted pseudonyms.
@@ -26,6 +31,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,11 +51,12 @@ from medgain.registry.review import (
     registry_client,
     resolve_version,
 )
-from medgain.registry.verify import MANIFEST, SIGNATURE, load_private_key, public_key_id
+from medgain.registry.verify import MANIFEST, PACKAGE_FORMAT, SIGNATURE, load_private_key, public_key_id
 
-__all__ = ["PACKAGE_FORMAT", "build_package", "parse_model_ref", "standalone_inference_config"]
+__all__ = ["PACKAGE_FORMAT", "PROMOTED_ALIASES", "build_package", "parse_model_ref", "standalone_inference_config"]
 
-PACKAGE_FORMAT = "medgain-partner-package/1"
+#: aliases that make a version "promoted": packaging any other version needs ``unpromoted=True``
+PROMOTED_ALIASES = ("champion", "production")
 _ZIP_TIME = (2020, 1, 1, 0, 0, 0)  # fixed member times: the same inputs give the same zip
 
 
@@ -63,20 +70,27 @@ def parse_model_ref(ref: str) -> tuple[str, str | None, str | None]:
 
 def standalone_inference_config(bundle: Path) -> dict[str, Any]:
     """The bundle's ``inference.yaml`` made to run from the package: its model file is the package's
-    ``models/model.pt``, it verifies the package first (refusing to run when a file differs, or when
-    ``public_key`` is given and the signature does not verify), and ``run`` (the default id of
-    ``python -m monai.bundle run``) does the inference."""
+    ``models/model.pt``; ``run`` (MONAI's default run id, which :func:`medgain.partner.run_partner_inference` and
+    ``python -m monai.bundle run`` run) does the inference, as in the repository's bundle. It holds no verification
+    step: a check inside a file of the package is one its editor removes; ``medgain infer`` verifies the package
+    before it reads this file."""
     config = yaml.safe_load((bundle / "configs" / "inference.yaml").read_text())
-    for key in ("imports", "initialize", "inference", "checkpoint"):
-        if key not in config or (key != "checkpoint" and not isinstance(config[key], list)):
+    for key in ("imports", "initialize", "run", "checkpoint", "input_dir", "output_dir"):
+        if key not in config or (key in ("imports", "initialize", "run") and not isinstance(config[key], list)):
             raise ValueError(f"{bundle}/configs/inference.yaml: needs '{key}' to be packaged")
     config["checkpoint"] = "$os.path.join(@bundle_root, 'models', 'model.pt')"
-    config["imports"] = list(config["imports"]) + ["$import medgain.registry"]
-    config["public_key"] = None
-    config["verify"] = "$medgain.registry.verify_package(@bundle_root, public_key=@public_key)"
-    config["initialize"] = ["@verify"] + list(config["initialize"])
-    config["run"] = list(config["inference"])
     return config
+
+
+def _license() -> bytes:
+    """medgain's LICENSE: from the source checkout, else from the installed distribution's metadata."""
+    source = Path(__file__).resolve().parents[2] / "LICENSE"
+    if source.is_file():
+        return source.read_bytes()
+    for file in importlib.metadata.distribution("medgain").files or []:
+        if file.name == "LICENSE":
+            return Path(file.locate()).read_bytes()
+    raise ValueError("medgain's LICENSE file is found neither in the source tree nor in the installed distribution")
 
 
 def _requirements() -> dict[str, str]:
@@ -91,10 +105,16 @@ def _build_wheel(dest: Path) -> Path:
     source = Path(__file__).resolve().parents[2]
     if not (source / "pyproject.toml").is_file():
         raise ValueError("medgain is not a source checkout here: give --wheel PATH or --no-wheel")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dest), str(source)],
-        check=True, capture_output=True, text=True,
-    )
+    with tempfile.TemporaryDirectory() as tmp:  # built from a copy: setuptools writes build/ into the source
+        copy = Path(tmp) / "medgain"
+        shutil.copytree(source / "medgain", copy / "medgain", ignore=shutil.ignore_patterns("__pycache__"))
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
+            shutil.copy2(source / name, copy / name)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dest),
+             str(copy)],
+            check=True, capture_output=True, text=True,
+        )
     (wheel,) = dest.glob("medgain-*.whl")
     return wheel
 
@@ -110,7 +130,7 @@ def _model_files(checkpoint_path: Path, name: str, version: str) -> tuple[bytes,
             "Train until validation sets one (more epochs, or more validation positives), then review and package."
         )
     spec = checkpoint["model_spec"]
-    network = build_network(spec)
+    network = build_network(spec, logits_only=True)  # the form MONAI's ckpt_export exports: logits only
     load_model_weights(network, checkpoint_path)
     network.eval()
     kept = {
@@ -122,14 +142,8 @@ def _model_files(checkpoint_path: Path, name: str, version: str) -> tuple[bytes,
     }
     weights = io.BytesIO()
     torch.save(kept, weights)
-    generator = torch.Generator().manual_seed(0)
-    example: tuple[torch.Tensor, ...] = (torch.rand(1, spec["in_channels"], *spec["image_size"], generator=generator),)
-    if getattr(network, "num_metadata", 0):  # a fused model: forward(image, metadata)
-        example += (torch.rand(1, network.num_metadata, generator=generator),)
-    with torch.no_grad():
-        traced = torch.jit.trace(network, example)
     script = io.BytesIO()
-    torch.jit.save(traced, script)
+    torch.jit.save(torch.jit.script(network), script)  # scripted, as ckpt_export does: no input-dependent trace
     return weights.getvalue(), script.getvalue()
 
 
@@ -140,13 +154,17 @@ def _bump(version: str) -> str:
     return ".".join(parts[:-1] + [str(int(parts[-1]) + 1)])
 
 
-def _readme(meta: dict[str, Any], card: dict[str, Any], model: str, alias: str | None) -> str:
+def _readme(meta: dict[str, Any], card: dict[str, Any], model: str, alias: str | None, promoted: bool) -> str:
+    status = "" if promoted else (
+        "\n**Not promoted:** this version holds no promoted alias (champion / production); it was packaged with "
+        "`--unpromoted` (see the model card).\n"
+    )
     return f"""# {meta.get('name', card['bundle'])} — {model} version {card['version']}
 
 {meta.get('description', '')}
 
 **Intended use:** {card['intended_use']}
-
+{status}
 **Operating point:** {card['operating_point']}. The threshold, network ({card['network']}), input size
 ({card['input_size']}), normalisation and class names ({card['class_names']}) are stored in `models/model.pt`;
 nothing has to be given on the command line.
@@ -159,23 +177,39 @@ venv/bin/pip install --no-index --find-links wheels wheels/medgain-*.whl   # wit
 # or, with a package index: venv/bin/pip install wheels/medgain-*.whl -r requirements.txt
 ```
 
-## Verify, then run
+## Run: `medgain infer`, one command
 
 ```
-venv/bin/medgain verify partner_bundle.zip --public-key signer.pub.pem
-unzip partner_bundle.zip -d bundle && cd bundle
-../venv/bin/python -m monai.bundle run --config_file configs/inference.yaml --meta_file configs/metadata.json \\
-    --input_dir FRAMES --output_dir OUT --public_key ../signer.pub.pem
+venv/bin/medgain infer partner_bundle.zip --public-key signer.pub.pem --input FRAMES --output OUT
 ```
 
-Inference checks every file of this folder against `manifest.json` (and the signature with `--public_key`) and
-refuses to run when one differs. It writes `OUT/predictions.csv` (file, frame, log-odds score, probability,
-decision at the operating point), heat maps under `OUT/heatmaps/` and `OUT/errors.csv` for unreadable files.
+`medgain infer` is the check; it lives in the installed medgain, not in this package. Before it reads a single
+input it checks the signature over `manifest.json` with the signer's public key, then that every file of the
+zip is listed there with its size and sha256 (no extra, missing, duplicated or linked file, no `..` path). It
+copies the files into a new private folder as it hashes them and runs `configs/inference.yaml` from that copy,
+without putting the package on Python's import path. On any failure it exits non-zero naming the file and the
+reason, and writes nothing. An unsigned package is refused unless `--allow-unsigned` is given: the hashes are then
+checked, not who made them, and `OUT/UNSIGNED_PACKAGE.txt` says so.
+
+It writes `OUT/predictions.csv` (file, frame, log-odds score, probability, decision at the operating point),
+heat maps under `OUT/heatmaps/` and `OUT/errors.csv` for unreadable files. These name your files: they stay with
+you. `--pseudonymise-outputs` adds `OUT/shareable/`, a copy keyed by salted pseudonyms that can be sent back;
+the mapping to your files stays in `OUT/pseudonym_map.csv`.
+
+## What `python -m monai.bundle run` on the unzipped folder does not do
+
+This folder is a MONAI bundle and `python -m monai.bundle run --config_file configs/inference.yaml ...` runs it,
+but that path checks nothing: `configs/inference.yaml` holds no verification step, and MONAI puts the current
+folder and the bundle folder on Python's import path. Whoever can change the folder can change what runs (an
+edited config, an extra `yaml.py` beside it). Use it only on a folder you verified and no one else can write to
+(`medgain verify FOLDER --public-key KEY` refuses any file not in the manifest), and prefer `medgain infer`.
+
 `models/model.ts` is the TorchScript network (logits of RGB frames in [0, 1] at the input size; a fused model
 also takes the encoded metadata vector, as `models/model.pt`'s spec encodes it).
 
 The model card is `docs/model_card.md`; the review report (figures with confidence intervals, operating points,
-attention gallery) is `docs/review_report.html`{' (alias ' + alias + ')' if alias else ''}.
+attention gallery) is `docs/review_report.html`{' (alias ' + alias + ')' if alias else ''}. `LICENSE` is medgain's
+licence.
 """
 
 
@@ -187,6 +221,7 @@ def build_package(
     wheel: str | os.PathLike | None = None,
     include_wheel: bool = True,
     bundles_dir: str | os.PathLike | None = None,
+    unpromoted: bool = False,
 ) -> dict[str, Any]:
     """Write the partner package of ``model`` (``NAME@ALIAS`` / ``NAME@VERSION``) to the zip ``out``.
 
@@ -198,17 +233,28 @@ def build_package(
         wheel: a medgain wheel to include; default: one built from this source tree.
         include_wheel: False leaves the wheel out (``requirements.txt`` pins medgain).
         bundles_dir: folder holding the bundle folders.
+        unpromoted: package a version that holds no promoted alias (:data:`PROMOTED_ALIASES`); recorded in the
+            model card and the manifest.
 
     Returns:
         the manifest.
 
     Raises:
-        ValueError: when the version has no review of its own model file or no finite operating threshold, or a
-            key / bundle is unusable.
+        ValueError: when the version has no review of its own model file or no finite operating threshold, holds
+            no promoted alias without ``unpromoted`` (or one with it), or a key / bundle is unusable.
     """
     name, version, alias = parse_model_ref(model)
     client = registry_client(tracking_uri)
     mv = resolve_version(client, name, version, alias)
+    held = sorted(a for a, v in client.get_registered_model(name).aliases.items()
+                  if a in PROMOTED_ALIASES and str(v) == str(mv.version))
+    if not held and not unpromoted:
+        raise ValueError(
+            f"{name} version {mv.version} holds no promoted alias ({' / '.join(PROMOTED_ALIASES)}): promote it "
+            "first, or give --unpromoted to package it anyway (recorded in its model card)"
+        )
+    if held and unpromoted:
+        raise ValueError(f"{name} version {mv.version} holds {held[0]!r}: it is promoted; drop --unpromoted")
     review = load_review(client, name, str(mv.version))
     bundle = bundle_folder(review["model_card"]["bundle"], bundles_dir)
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
@@ -233,8 +279,9 @@ def build_package(
     }
     meta.setdefault("required_packages_version", {})["medgain"] = requirements["medgain"]
     files["configs/metadata.json"] = (json.dumps(meta, indent=4) + "\n").encode()
-    header = (f"# Standalone inference of {name} version {mv.version}, packaged by medgain: verifies the package, then\n"
-              "# runs the model of models/model.pt on every frame of input_dir (see docs/README.md).\n")
+    header = (f"# Standalone inference of {name} version {mv.version}, packaged by medgain: runs the model of\n"
+              "# models/model.pt on every frame of input_dir. It verifies nothing itself: run it with\n"
+              "# `medgain infer PACKAGE --public-key KEY --input DIR --output OUT` (see docs/README.md).\n")
     files["configs/inference.yaml"] = (header + yaml.safe_dump(standalone_inference_config(bundle), sort_keys=False)).encode()
     for config in ("train.yaml", "evaluate.yaml", "logging.conf"):
         files[f"configs/{config}"] = (bundle / "configs" / config).read_bytes()
@@ -242,22 +289,29 @@ def build_package(
     files["models/model.ts"] = script
     card_lines = [f"# Model card: {name} version {mv.version}", ""]
     card_lines += [f"- **{k}**: {v}" for k, v in card.items() if k != "training_params"]
+    card_lines.append(f"- **promotion**: {', '.join(held)}" if held else
+                      "- **promotion**: NOT PROMOTED: holds no champion / production alias; packaged with --unpromoted")
     card_lines += ["", "## Training parameters", ""] + [f"- {k}: {v}" for k, v in sorted(card.get("training_params", {}).items())]
     files["docs/model_card.md"] = ("\n".join(card_lines) + "\n").encode()
-    files["docs/README.md"] = _readme(meta, card, name, alias).encode()
+    files["docs/README.md"] = _readme(meta, card, name, alias, bool(held)).encode()
+    files["LICENSE"] = _license()
     files["requirements.txt"] = "".join(f"{k}=={v}\n" for k, v in requirements.items()).encode()
     manifest: dict[str, Any] = {
         "format": PACKAGE_FORMAT,
         "model": name,
         "version": str(mv.version),
         "alias": alias,
+        "promoted": bool(held),
         "bundle": bundle.name,
         "bundle_version": new_version,
         "review_sha256": mv.tags.get("review.sha256", ""),
         "medgain_version": requirements["medgain"],
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         "dependencies": requirements,
-        "files": {path: hashlib.sha256(content).hexdigest() for path, content in sorted(files.items())},
+        "files": {
+            path: {"sha256": hashlib.sha256(content).hexdigest(), "size": len(content)}
+            for path, content in sorted(files.items())
+        },
     }
     key = load_private_key(sign_key) if sign_key is not None else None
     if key is not None:

@@ -85,11 +85,13 @@ class FrameRecordWriter:
     def start(self, engine: Engine | None = None) -> None:
         """Forget earlier records and read the operating point."""
         self.rows, self.heaps = [], {name: [] for name, *_ in GALLERY_KINDS}
-        value = load_operating_point(self.checkpoint).get("threshold")
+        point = load_operating_point(self.checkpoint)
+        value = point.get("threshold")
         if value is None or not math.isfinite(float(value)):
             self.threshold, self.threshold_note = 0.0, "the model has no operating point: split at p = 0.5"
-        else:
-            self.threshold, self.threshold_note = float(value), ""
+        else:  # the statement says what the stored point's false-alarm rate is known to be
+            self.threshold = float(value)
+            self.threshold_note = f"split at the stored operating point, {point['statement']}"
 
     def __call__(self, engine: Engine) -> None:
         """Record the batch's frames and keep the gallery candidates."""

@@ -151,6 +151,10 @@ def render_report(review: Mapping[str, Any], work: Path) -> str:
     for name, note in review.get("notes", {}).items():
         out.append(f"<p class='note'>{_esc(name)}: {_esc(note)}</p>")
     out.append("<h2>Operating points</h2>")
+    stored = review.get("stored_operating_point")
+    if stored:
+        cls = "note" if stored["backed"] else "bad"
+        out.append(f"<p class='{cls}'>Stored operating point: {_esc(stored['statement'])}.</p>")
     rows = [[_esc(r["budget"]), _num(r["threshold"]), _num(r["probability"], 6), _num(r["sensitivity"]),
              _num(r["specificity"]), _num(r["false_alarms_per_1000"], 2), _num(r["false_alarms_per_study"], 2),
              _esc(r["note"] or "")] for r in review["operating_points"]]

@@ -26,7 +26,9 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from medgain.metrics import fpr_budget_note, score_to_probability
+from medgain.data.phi import pseudonymise_text
+from medgain.metrics import fpr_budget_note, operating_point_words, score_to_probability
+from medgain.metrics.confidence import format_percent_upper
 from medgain.model_file import load_checkpoint
 from medgain.registry.figures import (
     RecordArrays,
@@ -179,7 +181,8 @@ def model_card(
         "grad_cam_layer": spec.get("target_layer"),
         "operating_point": "none: " + str(point.get("reason")) if point.get("threshold") is None else
         f"ill when log-odds >= {point['threshold']:.6g} (p >= {point.get('probability', float('nan')):.6g}), "
-        f"chosen on validation for FPR <= {point.get('max_fpr')}",
+        f"chosen on validation for FPR <= {point.get('max_fpr')}; {operating_point_words(point)}",
+        "operating_point_fpr_upper": point.get("fpr_upper"),
         "best_epoch": checkpoint.get("epoch"),
         "training_run": f"{run.info.run_name} ({version.run_id})",
         "training_data_hash": trained_on,
@@ -211,6 +214,25 @@ def _disagreements(cand: RecordArrays, champ: RecordArrays, thresholds: tuple[fl
     return len(rows), rows[:limit]
 
 
+def _bound_check(point: Mapping[str, Any], figures: Mapping[str, Any], split: str) -> tuple[dict[str, float], str]:
+    """The gate values of the stored point's false-alarm bound, and a note when ``split``'s rate exceeds it.
+
+    ``operating_point_fpr_upper`` is the bound (NaN when the model file predates it, so that a gate rule on it
+    fails); ``<split>_fpr_above_bound`` is 1.0 when the false-alarm rate measured on ``split`` at the stored
+    threshold exceeds the bound, 0.0 when not, NaN when either is unknown.
+    """
+    upper = point.get("fpr_upper")
+    upper = math.nan if upper is None or point.get("threshold") is None else float(upper)
+    specificity = figures.get("specificity", {}).get("value", math.nan)
+    fpr = 1.0 - float(specificity) if specificity is not None else math.nan
+    above = math.nan if math.isnan(upper) or math.isnan(fpr) else float(fpr > upper)
+    note = ""
+    if above == 1.0:
+        note = (f"the {split} false-alarm rate at the stored threshold ({100.0 * fpr:.1f} %) is above the bound the "
+                f"operating point was stored with (≤ {format_percent_upper(upper)}): it does not hold on this data")
+    return {"operating_point_fpr_upper": upper, f"{split}_fpr_above_bound": above}, note
+
+
 def _threshold(checkpoint: Mapping[str, Any]) -> float | None:
     value = checkpoint.get("operating_point", {}).get("threshold")
     return None if value is None or not math.isfinite(float(value)) else float(value)
@@ -233,7 +255,8 @@ def _log_review(client: MlflowClient, version: ModelVersion, out_dir: Path, revi
         client.set_model_version_tag(version.name, version.version, key, value)
     lines = [line for line in (version.description or "").splitlines() if not line.startswith("Review: ")]
     lines.append(f"Review: {link} ({review['split']} split of data {review['data_hash']}, {review['time']})")
-    client.update_model_version(version.name, version.version, description="\n".join(lines))
+    description = pseudonymise_text("\n".join(lines))
+    client.update_model_version(version.name, version.version, description=description)
     return link
 
 
@@ -322,6 +345,10 @@ def review_model(
         note = fpr_budget_note(n_neg, budget)
         if note:
             notes[f"{split}_tpr_at_fpr_{budget:g}"] = note
+    point = checkpoint.get("operating_point", {})
+    bound_values, bound_note = _bound_check(point, figures, split)
+    if bound_note:
+        notes[f"{split}_fpr_above_bound"] = bound_note
     review: dict[str, Any] = {
         "model": name,
         "version": str(target.version),
@@ -333,11 +360,17 @@ def review_model(
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model_card": model_card(client, target, checkpoint, bundle, layout),
         "figures": figures,
-        "gate_values": {f"{split}_{k}": v["value"] for k, v in figures.items()},
+        "gate_values": {**{f"{split}_{k}": v["value"] for k, v in figures.items()}, **bound_values},
         "resampled_by": layout.unit if records.groups is not None else "frame",
         "n_bootstrap": n_bootstrap,
         "counts": {"frames": int(records.label.size), "positives": int(records.label.sum())},
         "notes": notes,
+        "stored_operating_point": {
+            "statement": operating_point_words(point),
+            "fpr_upper": bound_values["operating_point_fpr_upper"],
+            "max_fpr": point.get("max_fpr"),
+            "backed": bool(bound_values["operating_point_fpr_upper"] <= float(point.get("max_fpr") or 0.0)),
+        },
         "operating_points": operating_table(records, threshold, frames_per_study),
         "calibration": calibration(records),
         "confusion": confusion(records, threshold),

@@ -84,6 +84,9 @@ def prepare_data(spec: StudySpec) -> None:
 def _client(spec: StudySpec) -> Any:
     import mlflow
 
+    from medgain.tracking.store import prepare_store
+
+    prepare_store(spec.tracking_uri)  # the "Default" experiment's artifacts beside the store too
     return mlflow.MlflowClient(spec.tracking_uri)
 
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from medgain.bundle_variables import bundle_variables, unknown_variables
+from medgain.config_yaml import load_yaml
 
 __all__ = ["RunKey", "StudySpec", "load_study"]
 
@@ -169,15 +170,13 @@ def load_study(path: str | os.PathLike) -> StudySpec:
 
     Raises:
         FileNotFoundError: when the file or the bundle is missing.
-        ValueError: naming the file and the field, for anything malformed.
+        ValueError: naming the file and the field, for anything malformed: a repeated key, an unknown field (also
+            in ``data``), an override naming a variable that the bundle's config files do not define.
     """
     path = Path(path).resolve()
     if not path.is_file():
         raise FileNotFoundError(f"study file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"study file {path}: not valid YAML ({err})") from err
+    raw = load_yaml(path.read_bytes(), f"study file {path}")
     if not isinstance(raw, dict):
         _fail(path, "must be a mapping")
     unknown = sorted(set(raw) - _KEYS)
@@ -195,6 +194,9 @@ def load_study(path: str | os.PathLike) -> StudySpec:
         raise FileNotFoundError(f"study file {path}: 'bundle' is not a MONAI bundle (no configs/metadata.json): {bundle}")
     output_dir = (here / raw.get("output_dir", f"studies/{name}")).resolve()
     data = _mapping(path, raw, "data")
+    unknown = sorted(set(data) - {"synth", "args", "dataset_dir"})
+    if unknown:
+        _fail(path, f"unknown fields {unknown} in 'data'; known: ['args', 'dataset_dir', 'synth']")
     if ("synth" in data) == ("dataset_dir" in data):
         _fail(path, "'data' needs exactly one of 'synth' (a `medgain synth` data set) or 'dataset_dir'")
     if "dataset_dir" in data:
@@ -231,6 +233,18 @@ def load_study(path: str | os.PathLike) -> StudySpec:
     workers = raw.get("workers")
     if workers is not None and (not isinstance(workers, int) or workers < 1):
         _fail(path, f"'workers' must be a positive integer, got {workers!r}")
+    train_configs = list(raw.get("train_configs", ["train.yaml"]))
+    evaluate_configs = list(raw.get("evaluate_configs", ["train.yaml", "evaluate.yaml"]))
+    train_variables = bundle_variables(bundle, train_configs)
+    for where, overrides, known in (
+        ("'train'", _mapping(path, raw, "train"), train_variables),
+        ("'evaluate'", _mapping(path, raw, "evaluate"), bundle_variables(bundle, evaluate_configs)),
+        *((f"configuration {c!r}", {k: v for k, v in (o or {}).items() if k != "data"}, train_variables)
+          for c, o in configs.items()),
+    ):
+        unknown = unknown_variables(overrides, known)
+        if unknown:
+            _fail(path, f"{where} sets {unknown}, which the bundle {bundle.name} does not define")
     tracking_uri = raw.get("tracking_uri") or f"sqlite:///{output_dir / 'mlflow.db'}"
     return StudySpec(
         name=name,
@@ -249,8 +263,8 @@ def load_study(path: str | os.PathLike) -> StudySpec:
         x_axis=raw.get("x_axis"),
         gap=(str(gap[0]), str(gap[1])) if gap else None,
         run_metrics=list(run_metrics),
-        train_configs=list(raw.get("train_configs", ["train.yaml"])),
-        evaluate_configs=list(raw.get("evaluate_configs", ["train.yaml", "evaluate.yaml"])),
+        train_configs=train_configs,
+        evaluate_configs=evaluate_configs,
         workers=workers,
         split=str(raw.get("split", "test")),
         evaluation_outputs=str(raw.get("evaluation_outputs", "outputs/evaluation")),

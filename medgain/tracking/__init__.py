@@ -12,9 +12,11 @@ from medgain.tracking.naming import (
     merged,
     run_name,
     run_tags,
+    tracking_artifact_path,
     ui_command,
     ui_url,
 )
+from medgain.tracking.store import artifact_root, prepare_store
 
 __all__ = [
     "ML_WORKFLOW_QUERY",
@@ -24,6 +26,7 @@ __all__ = [
     "Sender",
     "TrackedRun",
     "TrackingUnavailable",
+    "artifact_root",
     "data_hash",
     "deliver",
     "find_journals",
@@ -31,10 +34,12 @@ __all__ = [
     "medgain_commit",
     "merged",
     "open_run",
+    "prepare_store",
     "register_model_version",
     "run_name",
     "run_tags",
     "sync",
+    "tracking_artifact_path",
     "ui_command",
     "ui_url",
 ]

@@ -4,6 +4,10 @@
 :class:`Sender` does it in a background thread, retrying with back-off while the server is unreachable and
 warning once. A record the server refuses for good (a 4xx answer, e.g. a param whose value changed) is kept in
 ``state.json`` under ``rejected`` and skipped, so one bad record never holds back the rest.
+
+Every text a record carries (run name, params, tags, descriptions, model-version tags, artifact folder and file
+names) reaches the server through :func:`medgain.data.phi.pseudonymise_text`: paths, data file names and
+person names leave as salted pseudonyms, while the local journal and log keep the real names.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -19,6 +24,9 @@ from typing import Any
 
 from medgain.model_file import atomic_write, load_checkpoint
 from medgain.tracking.journal import RunJournal
+from medgain.data.phi import pseudonymise_text
+from medgain.tracking.naming import tracking_artifact_path
+from medgain.tracking.store import prepare_store
 
 __all__ = ["Sender", "TrackingUnavailable", "deliver", "quick_timeouts", "register_model_version"]
 
@@ -54,6 +62,7 @@ def _is_permanent(err: Exception) -> bool:
 def _client(journal: RunJournal) -> Any:
     import mlflow
 
+    prepare_store(journal.meta["tracking_uri"])
     return mlflow.MlflowClient(tracking_uri=journal.meta["tracking_uri"])
 
 
@@ -93,7 +102,7 @@ def _ensure_run(client: Any, journal: RunJournal, record: dict[str, Any]) -> str
         experiment_id,
         start_time=int(record["time"] * 1000),
         tags={JOURNAL_TAG: journal.journal_id},
-        run_name=meta["run_name"],
+        run_name=pseudonymise_text(meta["run_name"]),
     )
     return str(run.info.run_id)
 
@@ -109,7 +118,8 @@ def register_model_version(
 ) -> str:
     """Register the run's ``model/`` artifact as a version of ``name`` (once per run: an existing version of the
     run is reused, with this description and these tags), point ``alias`` at it, tag the run, and write the
-    provenance into ``checkpoint``.
+    provenance into ``checkpoint``. The description and tag values go through
+    :func:`medgain.data.phi.pseudonymise_text`.
 
     Returns:
         The version number.
@@ -119,6 +129,8 @@ def register_model_version(
 
     import torch
 
+    description = pseudonymise_text(description)
+    tags = {k: pseudonymise_text(str(v)) for k, v in tags.items()}
     try:
         client.create_registered_model(name, description="medgain classifier; one version per training run.")
     except MlflowException as err:
@@ -143,7 +155,8 @@ def register_model_version(
         saved = load_checkpoint(checkpoint)
         saved["provenance"] = {"run_id": run_id, "model_name": name, "model_version": version}
         atomic_write(checkpoint, lambda f: torch.save(saved, f))
-    logger.info("registered %s version %s (alias %r) from run %s", name, version, alias, run_id)
+    origin = f"epoch {tags['epoch']} of run {run_id}" if "epoch" in tags else f"run {run_id}"
+    logger.info("registered %s version %s (alias %r) from %s", name, version, alias, origin)
     return version
 
 
@@ -171,6 +184,29 @@ def _batches(records: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return groups
 
 
+def _send_artifact(client: Any, run_id: str, local: Path, artifact_path: str | None) -> None:
+    """Upload a staged file or folder with its folder and file names through :func:`tracking_artifact_path`
+    (a renamed copy is uploaded when a name changes)."""
+    target = None if artifact_path is None else tracking_artifact_path(artifact_path)
+    files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local]
+    names = {f: tracking_artifact_path(f.relative_to(local).as_posix() if local.is_dir() else f.name) for f in files}
+    if all((f.relative_to(local).as_posix() if local.is_dir() else f.name) == n for f, n in names.items()):
+        if local.is_dir():
+            client.log_artifacts(run_id, str(local), target)
+        else:
+            client.log_artifact(run_id, str(local), target)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for file, name in names.items():
+            copy = Path(tmp, name)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(file, copy)
+        if local.is_dir():
+            client.log_artifacts(run_id, tmp, target)
+        else:
+            client.log_artifact(run_id, str(Path(tmp, names[local])), target)
+
+
 def _send(client: Any, journal: RunJournal, group: list[dict[str, Any]], run_id: str | None) -> str | None:
     """Send one group of records; returns the run id (set by ``start``)."""
     from mlflow.entities import Metric, Param, RunTag
@@ -182,18 +218,14 @@ def _send(client: Any, journal: RunJournal, group: list[dict[str, Any]], run_id:
         raise RuntimeError(f"{journal.path}: record {group[0]['seq']} ({op}) precedes the run's start record")
     if op == "log":
         metrics = [Metric(k, float(v), int(t), int(s)) for r in group for k, v, t, s in r.get("metrics", ())]
-        params = {k: str(v) for r in group for k, v in r.get("params", ())}
-        tags = {k: str(v) for r in group for k, v in r.get("tags", ())}
+        params = {k: pseudonymise_text(str(v)) for r in group for k, v in r.get("params", ())}
+        tags = {k: pseudonymise_text(str(v)) for r in group for k, v in r.get("tags", ())}
         client.log_batch(
             run_id, metrics=metrics, params=[Param(k, v) for k, v in params.items()],
             tags=[RunTag(k, v) for k, v in tags.items()],
         )
     elif op == "artifact":
-        local = journal.path / group[0]["path"]
-        if local.is_dir():
-            client.log_artifacts(run_id, str(local), group[0].get("artifact_path"))
-        else:
-            client.log_artifact(run_id, str(local), group[0].get("artifact_path"))
+        _send_artifact(client, run_id, journal.path / group[0]["path"], group[0].get("artifact_path"))
     elif op == "end":
         client.set_terminated(run_id, group[0]["status"], group[0].get("end_time", int(group[0]["time"] * 1000)))
     elif op == "register":
@@ -201,7 +233,8 @@ def _send(client: Any, journal: RunJournal, group: list[dict[str, Any]], run_id:
         register_model_version(client, run_id, r["name"], r["alias"], r["tags"], r["description"], r["checkpoint"])
     elif op == "model_version_tag":
         r = group[0]
-        client.set_model_version_tag(r["name"], r["version"], r["key"], r["value"].replace("{run_id}", run_id))
+        value = pseudonymise_text(r["value"]).replace("{run_id}", run_id)
+        client.set_model_version_tag(r["name"], r["version"], r["key"], value)
     else:
         raise ValueError(f"{journal.path}: record {group[0]['seq']} has an unknown op {op!r}")
     return run_id

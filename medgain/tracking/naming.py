@@ -13,7 +13,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["data_hash", "gain_summary", "medgain_commit", "run_name", "run_tags", "ui_command", "ui_url"]
+from medgain.data.phi import pseudonymise_text
+
+__all__ = [
+    "data_hash",
+    "gain_summary",
+    "medgain_commit",
+    "run_name",
+    "run_tags",
+    "tracking_artifact_path",
+    "ui_command",
+    "ui_url",
+]
 
 #: query parameter that makes the MLflow 3 UI open an experiment in its model-training (not GenAI) view
 ML_WORKFLOW_QUERY = "workflowType=machine_learning"
@@ -69,19 +80,31 @@ def run_tags(**tags: Any) -> dict[str, str]:
     return out
 
 
+def tracking_artifact_path(path: str) -> str:
+    """An artifact's path in the run (``folder/sub/file.ext``), each part through
+    :func:`medgain.data.phi.pseudonymise_text`: a folder or file named after a patient or a data file leaves as
+    its pseudonym, medgain's own names (``checkpoint/model.pt``, ``review/v2``) are kept."""
+    return "/".join(pseudonymise_text(part) for part in path.split("/"))
+
+
 def ui_url(experiment_id: str | None = None, host: str = "127.0.0.1", port: int = 5000) -> str:
     """Address of the MLflow UI that opens the model-training view (of one experiment, when given)."""
     page = f"experiments/{experiment_id}" if experiment_id else "experiments"
     return f"http://{host}:{port}/#/{page}?{ML_WORKFLOW_QUERY}"
 
 
+# before ``mlflow ui``: no background job consumers, so that stopping the UI stops everything it started
+_UI_ENV = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false"
+
+
 def ui_command(tracking_uri: str, port: int = 5000) -> str:
-    """A shell command that starts the MLflow UI on a store, runnable as printed in a fresh shell (the
-    ``mlflow`` executable of this Python environment, by absolute path)."""
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    """A shell command that starts the MLflow UI on a store, runnable as printed in a fresh shell from any folder
+    (the ``mlflow`` executable of this Python environment, by absolute path). It runs one server (one web worker,
+    no job consumers): Ctrl+C, or ``kill`` of its process id, stops all of it."""
+    mlflow_bin = Path(sys.executable).absolute().with_name("mlflow")
     return (
-        f"{shlex.quote(str(mlflow_bin))} ui --backend-store-uri {shlex.quote(tracking_uri)} "
-        f"--host 127.0.0.1 --port {port}"
+        f"{_UI_ENV} {shlex.quote(str(mlflow_bin))} ui --backend-store-uri {shlex.quote(tracking_uri)} "
+        f"--host 127.0.0.1 --port {port} --workers 1"
     )
 
 

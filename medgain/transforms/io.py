@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Hashable, Iterator, Mapping
 from pathlib import Path
@@ -15,7 +16,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_color_lut, iter_pixels, pixel_array
+from pydicom.pixels import apply_color_lut, apply_modality_lut, iter_pixels, pixel_array
 
 __all__ = [
     "DICOM_SUFFIXES",
@@ -95,8 +96,6 @@ def _dicom_check_header(path: Path, ds: pydicom.Dataset) -> None:
             f"{path}: unsupported photometric interpretation {photometric!r}, "
             f"expected one of {', '.join(supported)}"
         )
-    if "BitsStored" not in ds:
-        raise ValueError(f"{path}: DICOM header has no BitsStored")
     if photometric == _PALETTE_PHOTOMETRIC:
         for colour in _PALETTE_COLOURS:
             has_data = any(f"{kind}{colour}PaletteColorLookupTableData" in ds for kind in ("", "Segmented"))
@@ -121,28 +120,98 @@ def _palette_to_rgb(path: Path, ds: pydicom.Dataset, indices: np.ndarray) -> np.
     return rgb.astype(np.float32) / float(top)
 
 
-def _dicom_to_rgb(path: Path, ds: pydicom.Dataset, pixels: np.ndarray) -> np.ndarray:
-    """Scale one decoded DICOM frame by BitsStored and convert it to (H, W, 3) float32 in [0, 1].
+def _require_finite(path: Path, frame: int, values: np.ndarray) -> None:
+    """Refuse NaN / infinite pixel values: such a frame cannot be read as an image."""
+    if values.dtype.kind != "f" or np.isfinite(values).all():
+        return
+    n_nan = int(np.isnan(values).sum())
+    n_inf = int(np.isinf(values).sum())
+    raise ValueError(
+        f"{path}: frame {frame} holds non-finite pixel values ({n_nan} NaN, {n_inf} infinite); "
+        "it cannot be read as an image"
+    )
+
+
+def _has_modality_lut(ds: pydicom.Dataset) -> bool:
+    return any(k in ds for k in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence"))
+
+
+def _first_value(value: Any) -> float:
+    return float(value[0]) if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else float(value)
+
+
+def _window(path: Path, ds: pydicom.Dataset) -> tuple[float, float] | None:
+    """The first VOI window (centre, width) of the header, or None when it has none."""
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    try:
+        center, width = _first_value(ds.WindowCenter), _first_value(ds.WindowWidth)
+    except (TypeError, ValueError, IndexError) as err:
+        raise ValueError(f"{path}: invalid WindowCenter / WindowWidth ({err})") from err
+    if not (math.isfinite(center) and math.isfinite(width)) or width < 1:
+        raise ValueError(f"{path}: invalid VOI window (centre {center}, width {width}), the width must be >= 1")
+    return center, width
+
+
+def _stored_range(path: Path, ds: pydicom.Dataset) -> tuple[int, int]:
+    """The smallest and largest stored integer value that ``BitsStored`` / ``PixelRepresentation`` allow."""
+    if "BitsStored" not in ds:
+        raise ValueError(f"{path}: DICOM header has no BitsStored")
+    bits = int(ds.BitsStored)
+    if int(ds.get("PixelRepresentation", 0)) == 1:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _grey_to_unit(path: Path, ds: pydicom.Dataset, pixels: np.ndarray) -> np.ndarray:
+    """Scale one grey frame to [0, 1] by what its values are (see :func:`read_frame`)."""
+    is_float = pixels.dtype.kind == "f"
+    if not is_float and not _has_modality_lut(ds) and _window(path, ds) is None:
+        low, high = _stored_range(path, ds)
+        return (pixels.astype(np.float64) - low) / float(high - low)
+    try:
+        values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError) as err:
+        raise ValueError(f"{path}: cannot apply the modality LUT / rescale slope and intercept ({err})") from err
+    window = _window(path, ds)
+    if window is not None:  # DICOM PS3.3 C.11.2.1.2.1, linear VOI function
+        center, width = window
+        if width == 1.0:  # a threshold
+            return (values > center - 0.5).astype(np.float64)
+        return (values - (center - 0.5)) / (width - 1.0) + 0.5
+    if is_float:
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    else:
+        ends = np.asarray(apply_modality_lut(np.asarray(_stored_range(path, ds), dtype=pixels.dtype), ds), float)
+        low, high = float(ends.min()), float(ends.max())
+    if high <= low:
+        return np.zeros_like(values)
+    return (values - low) / (high - low)
+
+
+def _dicom_to_rgb(path: Path, ds: pydicom.Dataset, pixels: np.ndarray, frame: int) -> np.ndarray:
+    """Scale one decoded DICOM frame and convert it to (H, W, 3) float32 in [0, 1] (see :func:`read_frame`).
 
     pydicom already converts YBR_FULL / YBR_FULL_422 pixel data to RGB when decoding (``raw=False``). PALETTE
     COLOR frames hold lookup-table indices: the table is applied and scaled by its bits per entry instead.
     """
+    _require_finite(path, frame, pixels)
     photometric = str(ds.PhotometricInterpretation).strip()
     if photometric == _PALETTE_PHOTOMETRIC:
         return _palette_to_rgb(path, ds, pixels)
-    bits = int(ds.BitsStored)
-    offset = 2.0 ** (bits - 1) if int(ds.get("PixelRepresentation", 0)) == 1 else 0.0
-    values = (pixels.astype(np.float32) + offset) / float(2**bits - 1)
-    values = np.clip(values, 0.0, 1.0)
     if photometric in _GREY_PHOTOMETRIC:
-        if values.ndim != 2:
+        if pixels.ndim != 2:
             raise ValueError(f"{path}: {photometric} frame has shape {pixels.shape}, expected (rows, columns)")
+        values = np.clip(_grey_to_unit(path, ds, pixels), 0.0, 1.0)
         if photometric == "MONOCHROME1":
             values = 1.0 - values
-        values = np.repeat(values[..., None], 3, axis=-1)
-    elif values.ndim != 3 or values.shape[-1] != 3:
+        return np.repeat(values.astype(np.float32)[..., None], 3, axis=-1)
+    if pixels.ndim != 3 or pixels.shape[-1] != 3:
         raise ValueError(f"{path}: {photometric} frame has shape {pixels.shape}, expected (rows, columns, 3)")
-    return values.astype(np.float32)
+    if pixels.dtype.kind == "f":
+        raise ValueError(f"{path}: {photometric} frame holds floating-point pixel data, supported for grey images only")
+    low, high = _stored_range(path, ds)
+    return np.clip((pixels.astype(np.float32) - low) / float(high - low), 0.0, 1.0).astype(np.float32)
 
 
 def _read_dicom(path: Path, frame: int) -> np.ndarray:
@@ -155,7 +224,7 @@ def _read_dicom(path: Path, frame: int) -> np.ndarray:
         pixels = pixel_array(path, index=frame)
     except Exception as err:  # pydicom raises many exception types for damaged pixel data
         raise ValueError(f"{path}: cannot decode pixel data of frame {frame} ({err})") from err
-    return _dicom_to_rgb(path, ds, pixels)
+    return _dicom_to_rgb(path, ds, pixels, frame)
 
 
 def read_frame(path: str | os.PathLike, frame: int = 0) -> np.ndarray:
@@ -167,14 +236,27 @@ def read_frame(path: str | os.PathLike, frame: int = 0) -> np.ndarray:
 
     Returns:
         (H, W, 3) float32 array in [0, 1]. Grey images are repeated to 3 channels, alpha is dropped,
-        palettes are expanded, 16-bit PNGs are scaled by 65535, DICOM by ``2**BitsStored - 1``,
-        MONOCHROME1 is inverted and YBR_FULL / YBR_FULL_422 converted to RGB. PALETTE COLOR DICOM goes through
-        its Red / Green / Blue Palette Color Lookup Tables (``pydicom.pixels.apply_color_lut``) and is scaled by
-        ``2**bits - 1`` of the tables' bits per entry (8 or 16, the descriptor's third value).
+        palettes are expanded, 16-bit PNGs are scaled by 65535, MONOCHROME1 is inverted and YBR_FULL /
+        YBR_FULL_422 converted to RGB. DICOM pixel values are scaled by what they are:
+
+        - integer pixel data without rescale or window: by the range ``BitsStored`` / ``PixelRepresentation``
+          allow (``2**BitsStored - 1`` levels);
+        - grey data with Rescale Slope / Intercept or a Modality LUT (``pydicom.pixels.apply_modality_lut``) or
+          with floating-point pixel data (Float / Double Float Pixel Data) are first mapped to their modality
+          values (e.g. Hounsfield units); then
+        - grey data with a VOI window (the first Window Center / Width) are windowed (the linear function of
+          DICOM PS3.3 C.11.2.1.2.1: window bottom 0, top 1);
+        - without a window, rescaled integer data are scaled by the modality values of their stored range, and
+          floating-point data (which have no nominal range) by the minimum and maximum of the frame.
+
+        PALETTE COLOR DICOM goes through its Red / Green / Blue Palette Color Lookup Tables
+        (``pydicom.pixels.apply_color_lut``) and is scaled by ``2**bits - 1`` of the tables' bits per entry
+        (8 or 16, the descriptor's third value).
 
     Raises:
         FileNotFoundError: when the file does not exist.
-        ValueError: for a corrupt or truncated file, an out-of-range frame or an unsupported format.
+        ValueError: for a corrupt or truncated file, an out-of-range frame, an unsupported format, or NaN /
+            infinite pixel values (naming the file, the frame and how many).
     """
     path = Path(path)
     _check_exists(path)
@@ -193,7 +275,7 @@ def iter_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
 
     Raises:
         FileNotFoundError: when the file does not exist.
-        ValueError: for a corrupt or truncated file or an unsupported format.
+        ValueError: for a corrupt or truncated file, an unsupported format or NaN / infinite pixel values.
     """
     path = Path(path)
     _check_exists(path)
@@ -212,7 +294,7 @@ def iter_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
                 raise ValueError(f"{path}: pixel data ends before frame {index} of {n_frames}") from err
             except Exception as err:  # pydicom raises many exception types for damaged pixel data
                 raise ValueError(f"{path}: cannot decode pixel data of frame {index} ({err})") from err
-            yield _dicom_to_rgb(path, ds, pixels)
+            yield _dicom_to_rgb(path, ds, pixels, index)
     finally:
         frames.close()
 
@@ -319,14 +401,15 @@ class LoadFramed(MapTransform):
 class LoadLabelMapd(MapTransform):
     """Load label maps (PNG / NIfTI) named in the data dict as (1, H, W) int64 tensors.
 
-    The label map must have the spatial size of the already loaded reference image.
+    The label map must have the spatial size of the already loaded reference image. Its source path is kept in
+    ``d[key + path_key_postfix]`` (named in the errors of :class:`~medgain.transforms.LabelMapToMaskd`).
 
     Args:
         keys: keys of the label map paths; missing keys are left absent by default.
         reference_key: key of the loaded (C, H, W) reference image.
         allow_missing_keys: don't raise when a key is missing.
         path_key_postfix: postfix of the key holding the reference image's source path (as written by
-            :class:`LoadFramed`), used in error messages.
+            :class:`LoadFramed`), used in error messages, and of the key that receives the label map's path.
     """
 
     def __init__(
@@ -358,5 +441,6 @@ class LoadLabelMapd(MapTransform):
                     f"of size {tuple(reference.shape[1:])}"
                 )
             d[key] = torch.from_numpy(values[None])
+            d[f"{key}{self.path_key_postfix}"] = path
         return d
 

@@ -40,7 +40,12 @@ class LabelMapToMaskd(MapTransform):
     ``d[has_mask_key]`` is True when the item has a label map and is allowed a mask: an item that already
     carries ``has_mask`` False (see :func:`medgain.data.datalist.apply_mask_budget`) gets a zero mask and keeps
     False. Items without a label map get a zero mask of the reference image's size and False, so batches
-    collate. The label map key is removed from the output.
+    collate. The label map key (and its path key) is removed from the output.
+
+    A label map may hold only the background 0, ``lesion_labels`` and ``ignore_labels`` (values drawn for
+    something else, e.g. instruments, that count as background): any other value means the map does not follow
+    the bundle's label convention (e.g. 0 / 255 masks for ``lesion_labels`` [1, 2, 3, 4]), which would give a
+    silently empty mask, and raises an error naming the label map file and the values found.
 
     Args:
         label_map_key: key of the loaded (1, H, W) integer label map.
@@ -48,6 +53,14 @@ class LabelMapToMaskd(MapTransform):
         lesion_labels: label values that count as lesion.
         has_mask_key: key of the has-mask flag (read when present, always written).
         reference_key: key of the loaded (C, H, W) image, giving the mask size.
+        ignore_labels: further label values allowed in a label map, counted as background.
+        path_key_postfix: postfix of the keys holding the source paths (as :class:`LoadLabelMapd` and
+            :class:`LoadFramed` write them), named in errors.
+
+    Raises:
+        ValueError: when ``lesion_labels`` is empty or a list holds a non-integer, when ``ignore_labels`` shares
+            a value with ``lesion_labels`` or holds 0; when called, for a label map with values outside
+            0, ``lesion_labels`` and ``ignore_labels``.
     """
 
     def __init__(
@@ -57,17 +70,25 @@ class LabelMapToMaskd(MapTransform):
         lesion_labels: Sequence[int] | int = (1,),
         has_mask_key: str = "has_mask",
         reference_key: str = "image",
+        ignore_labels: Sequence[int] = (),
+        path_key_postfix: str = "_path",
     ) -> None:
         super().__init__(label_map_key, allow_missing_keys=True)
         self.label_map_key = label_map_key
         self.mask_key = mask_key
         self.lesion_labels = as_label_tuple(lesion_labels)
+        self.ignore_labels = as_label_tuple(ignore_labels, "ignore_labels") if len(ignore_labels) else ()
+        clash = sorted(set(self.ignore_labels) & {0, *self.lesion_labels})
+        if clash:
+            raise ValueError(f"ignore_labels must not hold the background 0 or a lesion label, got {clash}")
+        self.allowed_values = (0, *self.lesion_labels, *self.ignore_labels)
         self.has_mask_key = has_mask_key
         self.reference_key = reference_key
+        self.path_key_postfix = path_key_postfix
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        image_name = d.get(f"{self.reference_key}_path", "(unknown image)")
+        image_name = d.get(f"{self.reference_key}{self.path_key_postfix}", "(unknown image)")
         reference = d.get(self.reference_key)
         if not isinstance(reference, (torch.Tensor, np.ndarray)) or reference.ndim != 3:
             raise ValueError(
@@ -76,6 +97,7 @@ class LabelMapToMaskd(MapTransform):
         size = tuple(reference.shape[1:])
         allowed = bool(d.get(self.has_mask_key, True))
         label_map = d.pop(self.label_map_key, None)
+        label_map_name = d.pop(f"{self.label_map_key}{self.path_key_postfix}", f"label map of {image_name}")
         if label_map is None:
             d[self.mask_key] = torch.zeros((1, *size), dtype=torch.float32)
             d[self.has_mask_key] = False
@@ -83,6 +105,15 @@ class LabelMapToMaskd(MapTransform):
         if not isinstance(label_map, (torch.Tensor, np.ndarray)):
             raise ValueError(f"{image_name}: label map {label_map!r} must be loaded before LabelMapToMaskd")
         label_map = torch.as_tensor(label_map)
+        values = torch.unique(label_map)
+        unknown = values[~torch.isin(values, torch.tensor(self.allowed_values, dtype=values.dtype))]
+        if unknown.numel():
+            raise ValueError(
+                f"{label_map_name}: label map holds values {values.tolist()}, of which {unknown.tolist()} are "
+                f"neither background 0 nor lesion_labels {list(self.lesion_labels)}"
+                + (f" nor ignore_labels {list(self.ignore_labels)}" if self.ignore_labels else "")
+                + " (list values to treat as background in ignore_labels)"
+            )
         if tuple(label_map.shape) != (1, *size):
             raise ValueError(
                 f"{image_name}: label map of shape {tuple(label_map.shape)} does not match the image, "

@@ -2,7 +2,8 @@
 
 Per frame it writes a panel PNG (the frame, ROI 1..k outlined in distinct colours with the probability after each
 step), the regions as a label map (PNG and NIfTI, value k inside ROI k, at the frame's own size), and one row of
-``unveil.csv``; unreadable files go to ``errors.csv``.
+``unveil.csv``; unreadable files go to ``errors.csv``. Unveiling stops once the model would no longer decide for
+the target class: by default at the model's stored operating point (written in ``unveil.csv``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy.special import expit
 from torch import nn
 
 from medgain.data import scan_folder, write_errors_csv
@@ -27,7 +29,7 @@ from medgain.transforms import read_frame
 from medgain.unveil.loop import UnveilResult, Unveiler
 from medgain.unveil.panel import PanelSample, roi_label_map, unveil_panel
 
-__all__ = ["CSV_FIELDS", "resolve_model", "run_unveil"]
+__all__ = ["CSV_FIELDS", "resolve_model", "run_unveil", "stop_probability"]
 
 #: columns of ``unveil.csv``; per-step values are joined with ";".
 CSV_FIELDS = (
@@ -41,6 +43,8 @@ CSV_FIELDS = (
     "roi_areas",
     "initial_score",
     "scores",
+    "prob_threshold",
+    "rejected_probability",
 )
 
 _SPEC_FIELDS = ("network", "num_classes", "image_size", "in_channels", "target_layer", "normalization", "class_names")
@@ -61,6 +65,45 @@ def _bundle_spec(bundle: str | os.PathLike) -> dict[str, Any]:
     return {key: parser.get_parsed_content(key) for key in _SPEC_FIELDS if key in parser}
 
 
+def _bundle_name(bundle: str | os.PathLike) -> str:
+    """The ``bundle_name`` of a bundle's ``configs/train.yaml`` (the folder's name when it has none)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(bundle) / "configs" / "train.yaml"))
+    return str(parser.get("bundle_name", Path(bundle).resolve().name))
+
+
+def stop_probability(
+    given: float | None, checkpoint: Mapping[str, Any], target: int, num_classes: int
+) -> tuple[float, str]:
+    """The probability below which unveiling stops, and where it comes from.
+
+    Args:
+        given: the user's ``--prob-threshold``; None: the model's operating point.
+        checkpoint: the model file's dict (its ``operating_point`` threshold is on the log-odds of class 1).
+        target: the class explained.
+        num_classes: the model's output logits.
+
+    Returns:
+        ``given``; else the operating point as a probability of ``target`` (where the model's decision changes:
+        ``sigmoid(t)`` for class 1, ``sigmoid(-t)`` for class 0 of a two-class model); else 0.5 (a model without
+        an operating point, or a class it does not apply to).
+    """
+    if given is not None:
+        return float(given), "--prob-threshold given"
+    point = checkpoint.get("operating_point")
+    threshold = point.get("threshold") if isinstance(point, Mapping) else None
+    if threshold is None or not np.isfinite(float(threshold)):
+        reason = point.get("reason") if isinstance(point, Mapping) and point.get("reason") else "none stored"
+        return 0.5, f"0.5: the model has no operating point ({reason})"
+    if num_classes > 2 or target not in (0, 1):
+        return 0.5, f"0.5: the model's operating point (classes 0 / 1) does not apply to class {target}"
+    log_odds = float(threshold) if target == 1 else -float(threshold)
+    probability = float(np.clip(expit(log_odds), 1e-12, 1.0 - 1e-12))
+    return probability, f"the model's operating point, log-odds {float(threshold):.6g}"
+
+
 def resolve_model(
     checkpoint: str | os.PathLike,
     bundle: str | os.PathLike | None = None,
@@ -70,24 +113,27 @@ def resolve_model(
 
     The spec (network, classes, input size, channels, Grad-CAM layer, normalisation, class names) comes from the
     checkpoint's ``model_spec`` when it has one (written by ``BestModelSaver``): values in ``overrides`` must then
-    agree with it. A checkpoint without a spec (a plain state dict, or one from an older BestModelSaver) is built
-    from ``overrides`` completed by the bundle's training config.
+    agree with it, and given a ``bundle``, the model must have been trained by it. A checkpoint without a spec (a
+    plain state dict, or one from an older BestModelSaver) is built from ``overrides`` completed by the bundle's
+    training config.
 
     Args:
         checkpoint: checkpoint file.
-        bundle: bundle folder whose ``configs/train.yaml`` completes a spec-less checkpoint.
+        bundle: bundle folder whose ``configs/train.yaml`` completes a spec-less checkpoint, and whose models
+            alone are run.
         overrides: spec fields given by the user (None values are ignored).
 
     Returns:
         ``(network in eval mode, spec, checkpoint dict)``.
 
     Raises:
-        ValueError: when the spec cannot be completed, or the checkpoint disagrees with the overrides / network.
+        ValueError: when the spec cannot be completed, the model was trained by another bundle than ``bundle``,
+            or the checkpoint disagrees with the overrides / network.
     """
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     stored = load_checkpoint(checkpoint)
     if isinstance(stored, Mapping) and isinstance(stored.get("model_spec"), Mapping):
-        spec = load_model_spec(checkpoint, **given)
+        spec = load_model_spec(checkpoint, None if bundle is None else _bundle_name(bundle), **given)
     else:
         fields = {**(_bundle_spec(bundle) if bundle is not None else {}), **given}
         missing = [k for k in ("network", "num_classes", "image_size") if fields.get(k) is None]
@@ -162,10 +208,12 @@ def run_unveil(
         device: torch device.
         spec_overrides: model-spec fields given by the user (see :func:`resolve_model`).
         unveil_options: keyword arguments of :class:`Unveiler` (source, steps, prob_threshold, fill, kernel_size,
-            ...); the Grad-CAM layer defaults to the spec's.
+            ...); the Grad-CAM layer defaults to the spec's; ``prob_threshold`` None or absent: the model's
+            operating point (see :func:`stop_probability`).
 
     Returns:
-        ``{"frames": n unveiled, "errors": n unreadable files, "csv": path, "spec": spec as dict}``.
+        ``{"frames": n unveiled, "errors": n unreadable files, "csv": path, "spec": spec as dict,
+        "prob_threshold": the stopping probability, "prob_threshold_source": where it comes from}``.
 
     Raises:
         ValueError: for a missing checkpoint / bundle, or a target outside the model's classes.
@@ -177,11 +225,13 @@ def run_unveil(
         checkpoint = Path(bundle) / "models" / "model.pt"
     if batch_size < 1:
         raise ValueError(f"medgain unveil: batch_size must be >= 1, got {batch_size}")
-    network, spec, _ = resolve_model(checkpoint, bundle, spec_overrides)
+    network, spec, stored = resolve_model(checkpoint, bundle, spec_overrides)
     if not 0 <= target < max(spec.num_classes, 2):
         raise ValueError(f"medgain unveil: target class {target} is not one of the model's {spec.num_classes} classes")
     network = network.to(device)
-    unveiler = Unveiler(**{"target_layer": spec.target_layer, **(unveil_options or {})})
+    options = dict(unveil_options or {})
+    stop, stop_source = stop_probability(options.pop("prob_threshold", None), stored, target, spec.num_classes)
+    unveiler = Unveiler(**{"target_layer": spec.target_layer, **options, "prob_threshold": stop})
     root, out = Path(input_dir), Path(output_dir)
     items, errors = scan_folder(root)
     for folder in ("panels", "masks"):
@@ -223,6 +273,9 @@ def run_unveil(
                     "roi_areas": _joined(full.areas, ".6f"),
                     "initial_score": f"{result.initial_score:.6f}",
                     "scores": _joined(result.scores, ".6f"),
+                    "prob_threshold": f"{stop:.6g}",
+                    "rejected_probability": "" if result.rejected_probability is None else
+                    f"{result.rejected_probability:.6f}",
                 }
             )
     csv_path = out / "unveil.csv"
@@ -231,4 +284,5 @@ def run_unveil(
         writer.writeheader()
         writer.writerows(rows)
     write_errors_csv(errors, out)
-    return {"frames": len(rows), "errors": len(errors), "csv": csv_path, "spec": spec.as_dict()}
+    return {"frames": len(rows), "errors": len(errors), "csv": csv_path, "spec": spec.as_dict(),
+            "prob_threshold": stop, "prob_threshold_source": stop_source}

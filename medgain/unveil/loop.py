@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 #: why a sample's unveiling ended.
-STOP_REASONS = ("below_threshold", "steps", "no_new_region", "initially_below")
+STOP_REASONS = ("below_threshold", "steps", "no_new_region", "initially_below", "probability_rose")
 
 
 def smooth_mask(
@@ -98,7 +98,10 @@ class UnveilResult:
         cumulative: (H, W) bool union of the masks.
         stop_reason: one of ``below_threshold`` (the probability fell below the threshold), ``steps`` (the step
             budget was used), ``no_new_region`` (the smoothed map found nothing outside the hidden area) or
-            ``initially_below`` (the untouched image is already below the threshold: nothing to unveil).
+            ``initially_below`` (the untouched image is already below the threshold: nothing to unveil) or
+            ``probability_rose`` (hiding the next region raised the probability: that region is no evidence for
+            the class, so it is not kept, and the unveiling ends there).
+        rejected_score: for ``probability_rose``: the target log-odds with the rejected region hidden; else None.
     """
 
     target: int
@@ -107,6 +110,7 @@ class UnveilResult:
     scores: list[float] = field(default_factory=list)
     cumulative: torch.Tensor | None = None
     stop_reason: str = "steps"
+    rejected_score: float | None = None
 
     @property
     def steps(self) -> int:
@@ -122,6 +126,11 @@ class UnveilResult:
     def probabilities(self) -> list[float]:
         """Target probability after each step (for display)."""
         return [_probability(s) for s in self.scores]
+
+    @property
+    def rejected_probability(self) -> float | None:
+        """Target probability with the rejected region hidden (``probability_rose``), else None."""
+        return None if self.rejected_score is None else _probability(self.rejected_score)
 
     @property
     def areas(self) -> list[float]:
@@ -169,7 +178,8 @@ def unveil(
     restricted to the pixels not hidden yet and smoothed by :func:`smooth_mask` into the next region, which is
     hidden (``erase`` with a hard mask: filled with the fill colour) before the image is classified again. A
     sample stops on its own when its target probability drops below ``prob_threshold`` (compared as log-odds),
-    when ``steps`` regions were unveiled, or when no new region is found; the batch goes on for the others. The
+    when ``steps`` regions were unveiled, when no new region is found, or when hiding the region raised the
+    probability (that region is not evidence: it is left out of the result); the batch goes on for the others. The
     model's mode and parameter gradients are left untouched (as for :func:`medgain.saliency.saliency_map`).
 
     Args:
@@ -246,8 +256,13 @@ def unveil(
             score = target_log_odds(model(current[rows]), classes[rows]).cpu()
         active = []
         for k, i in enumerate(rows.tolist()):
-            results[i].masks.append(region[k, 0].cpu())
-            results[i].scores.append(float(score[k]))
+            result = results[i]
+            if float(score[k]) > (result.scores[-1] if result.scores else result.initial_score):
+                hidden[i] &= ~region[k]  # not evidence: the region is not kept
+                result.stop_reason, result.rejected_score = "probability_rose", float(score[k])
+                continue
+            result.masks.append(region[k, 0].cpu())
+            result.scores.append(float(score[k]))
             if score[k] < stop_below:
                 results[i].stop_reason = "below_threshold"
             elif step + 1 < steps:

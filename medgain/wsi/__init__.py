@@ -8,12 +8,15 @@ from medgain.wsi.dataset import (
     make_patch_dataset,
     patch_datalist,
     scan_slides,
+    split_mpp,
     split_slides,
     split_slides_table,
 )
 from medgain.wsi.evaluate import evaluate_inference, read_slide_labels
 from medgain.wsi.inference import (
     LESION_COLUMNS,
+    MPP_TOLERANCE,
+    PatchReading,
     SlideInferer,
     SlideMaps,
     collect_slide_scores,
@@ -40,6 +43,7 @@ from medgain.wsi.tissue import TISSUE_DOWNSAMPLE, area_fraction, slide_tissue_ma
 __all__ = [
     "EXCLUSION_GROUPS",
     "LESION_COLUMNS",
+    "MPP_TOLERANCE",
     "PATCH_COLUMNS",
     "SLIDE_SUFFIXES",
     "SPLITS",
@@ -49,6 +53,7 @@ __all__ = [
     "AnnotationError",
     "LesionPatchMaskd",
     "PatchIdd",
+    "PatchReading",
     "RandHEDJitterd",
     "Slide",
     "SlideError",
@@ -73,6 +78,7 @@ __all__ = [
     "scan_slides",
     "slide_tissue_mask",
     "slides_patch_table",
+    "split_mpp",
     "split_slides",
     "split_slides_table",
     "tissue_mask",

@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 
 from medgain.wsi.evaluate import read_slide_labels
+from medgain.wsi.inference import MPP_TOLERANCE, same_magnification
 from medgain.wsi.patches import balance_patches, read_patch_table, slides_patch_table, write_patch_table
+from medgain.wsi.slide import Slide, SlideError
 
 __all__ = [
     "SLIDE_SUFFIXES",
@@ -29,6 +31,7 @@ __all__ = [
     "make_patch_dataset",
     "patch_datalist",
     "scan_slides",
+    "split_mpp",
     "split_slides",
     "split_slides_table",
 ]
@@ -47,7 +50,8 @@ def split_slides(
     """Slides split into training / validation / test, stratified by slide label (no slide in two splits).
 
     Per label, the validation and test counts are ``round(n * fraction)``, at least one when the fraction is
-    positive and the label has a slide left for training; training takes the rest.
+    positive; training takes the rest (at least one). Every split with a positive fraction thus holds both
+    labels, which needs, per label, one slide for training and one for each other split requested.
 
     Args:
         slides: rows with a 0/1 ``label``.
@@ -55,10 +59,22 @@ def split_slides(
         seed: random seed.
 
     Raises:
-        ValueError: for fractions that are not three non-negative numbers summing to 1.
+        ValueError: for fractions that are not three non-negative numbers summing to 1, or too few slides of a
+            label for the splits requested (the message says how many are needed).
     """
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {list(fractions)}")
+    requested = [name for name, f in zip(SPLITS, fractions) if f > 0]
+    needed = 1 + sum(1 for f in fractions[1:] if f > 0)
+    labels = [int(r["label"]) for r in slides]
+    have = {label: labels.count(label) for label in (0, 1)}
+    if min(have.values()) < needed:
+        raise ValueError(
+            f"too few slides for the splits {', '.join(requested)} (fractions {list(fractions)}): each needs tumour "
+            f"and normal slides, so {needed} tumour and {needed} normal slides are needed; there are "
+            f"{have[1]} tumour and {have[0]} normal. Add slides, or request fewer splits (e.g. fractions 1 0 0: "
+            "training only)"
+        )
     rng = np.random.default_rng([seed, 0x5B17])
     out: dict[str, list[int]] = {s: [] for s in SPLITS}
     labels = np.array([int(r["label"]) for r in slides])
@@ -127,14 +143,18 @@ def make_patch_dataset(
         patches per table, ``{"training": n, "training_tumour": n, "validation": ...}``.
 
     Raises:
-        ValueError: naming the file for a bad label CSV, or when the training slides give no tumour or no normal
-            patch.
+        ValueError: naming the file for a bad label CSV, too few slides for the splits (see
+            :func:`split_slides`), or when the training slides give no tumour or no normal patch.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     slides = read_slide_labels(labels_csv, annotation_column)
     counts: dict[str, int] = {}
-    for i, (split, members) in enumerate(split_slides(slides, fractions, seed).items()):
+    try:
+        splits = split_slides(slides, fractions, seed)
+    except ValueError as err:
+        raise ValueError(f"{labels_csv}: {err}") from None
+    for i, (split, members) in enumerate(splits.items()):
         table_rows = slides_patch_table(members, level, patch_size, **table_kwargs)
         if split == "training":
             try:
@@ -167,8 +187,67 @@ def make_patch_dataset(
     return counts
 
 
+def split_mpp(
+    dataset_dir: str | os.PathLike,
+    split: str,
+    level: int,
+    backend: str = "tifffile",
+    default_mpp: float | None = None,
+    tolerance: float = MPP_TOLERANCE,
+) -> float | None:
+    """Microns per pixel at ``level`` of the slides of a split: the magnification a model trained on them learns.
+
+    Args:
+        dataset_dir: the data set folder (see the module docstring).
+        split: training, validation or test.
+        level: pyramid level of the patches.
+        backend: WSI backend.
+        default_mpp: microns per pixel assumed for slides without resolution tags.
+        tolerance: relative spread of the slides' values beyond which a warning names the extremes.
+
+    Returns:
+        The median over the slides, or None (with a warning) when no slide has resolution tags and no
+        ``default_mpp`` is given.
+    """
+    values: dict[str, float] = {}
+    for row in split_slides_table(dataset_dir, split):
+        with Slide(row["image"], backend=backend, default_mpp=default_mpp) as slide:
+            if slide.mpp is not None or default_mpp is not None:
+                values[row["image"]] = slide.mpp_at(level)
+    if not values:
+        logger.warning(
+            "%s: the %s slides have no resolution tags and no default_mpp is given: the model will not know the "
+            "magnification it was trained at, and inference cannot check it",
+            dataset_dir,
+            split,
+        )
+        return None
+    median = float(np.median(list(values.values())))
+    low, high = min(values, key=values.__getitem__), max(values, key=values.__getitem__)
+    if not (same_magnification(values[low], median, tolerance) and same_magnification(values[high], median, tolerance)):
+        logger.warning(
+            "%s slides of %s differ in magnification at level %d: %s has %.4g, %s %.4g microns per pixel; the "
+            "model records the median, %.4g",
+            split,
+            dataset_dir,
+            level,
+            low,
+            values[low],
+            high,
+            values[high],
+            median,
+        )
+    return median
+
+
 def patch_datalist(
-    dataset_dir: str | os.PathLike, split: str, patch_size: int | None = None, level: int | None = None
+    dataset_dir: str | os.PathLike,
+    split: str,
+    patch_size: int | None = None,
+    level: int | None = None,
+    mpp: float | None = None,
+    backend: str = "tifffile",
+    default_mpp: float | None = None,
 ) -> list[dict[str, Any]]:
     """MONAI ``PatchWSIDataset`` items of a split (see :func:`medgain.wsi.patch_items`), with the slide's
     annotation file and ``index``, the row of the patch in ``patches_<split>.csv``.
@@ -178,11 +257,16 @@ def patch_datalist(
         split: training, validation or test.
         patch_size: patch side at the rows' level, set as each item's ``size``.
         level: the level every row must have (the level the network is trained and run at); None: any.
+        mpp: microns per pixel the model was trained at (its spec's ``mpp``): every slide of the split must have
+            it at ``level``, within :data:`~medgain.wsi.MPP_TOLERANCE`; None: not checked.
+        backend: WSI backend (for the ``mpp`` check).
+        default_mpp: microns per pixel assumed for slides without resolution tags (for the ``mpp`` check).
 
     Raises:
         FileNotFoundError: when the split's tables are missing.
         ValueError: naming the files when a patch's slide is not in the split's slide table, a tumour patch's
-            slide has no annotation (its mask for GAIN would be empty) or a row is at another level.
+            slide has no annotation (its mask for GAIN would be empty), a row is at another level, or a slide
+            is at another magnification than ``mpp``.
     """
     folder = Path(dataset_dir)
     table, slides_csv = folder / f"patches_{split}.csv", folder / f"slides_{split}.csv"
@@ -218,7 +302,25 @@ def patch_datalist(
         items.append(item)
     if not items:
         raise ValueError(f"{table}: no patches")
+    if mpp is not None:
+        _check_mpp(sorted({(item["image"], item["level"]) for item in items}), mpp, backend, default_mpp)
     return items
+
+
+def _check_mpp(
+    slides: Sequence[tuple[str, int]], mpp: float, backend: str, default_mpp: float | None
+) -> None:
+    """Refuse (slide, level) pairs whose microns per pixel are not the model's ``mpp`` (within the tolerance)."""
+    purpose = f"checking it against the {mpp:g} microns per pixel the model was trained at"
+    for path, level in slides:
+        with Slide(path, backend=backend, default_mpp=default_mpp) as slide:
+            found = slide.mpp_at(level, purpose)
+        if not same_magnification(found, mpp):
+            raise SlideError(
+                f"{path}: {found:.4g} microns per pixel at level {level}, the model was trained at {mpp:.4g} "
+                f"(more than {MPP_TOLERANCE:.0%} apart): its patches would be seen at another magnification. "
+                "Write the patch tables at the level of the model's magnification (`medgain wsi patches --level`)"
+            )
 
 
 def scan_slides(source: str | os.PathLike) -> list[str]:

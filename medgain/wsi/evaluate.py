@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 
 from medgain.metrics import CAMELYON_FP_RATES, froc, lesion_regions, slide_auc
+from medgain.metrics.confidence import format_percent_upper
 from medgain.wsi.annotations import read_annotations, tumour_mask
 from medgain.wsi.inference import output_id
 
-__all__ = ["evaluate_inference", "read_slide_labels"]
+__all__ = ["evaluate_inference", "read_slide_labels", "slide_operating_point"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,58 @@ def read_slide_labels(path: str | os.PathLike, annotation_column: str = "annotat
                 }
             )
     return rows
+
+
+def slide_operating_point(
+    scores: Sequence[float], labels: Sequence[int], n_patches: Sequence[int], point: Mapping[str, Any]
+) -> tuple[dict[str, float], str]:
+    """Slide decisions at the model's stored (patch) operating point, and whether its false-alarm bound holds.
+
+    A slide is called ill when its score (log-odds of its highest patches) reaches the stored threshold, which
+    needs at least one patch at or above it: a normal slide of ``n`` patches is then flagged with a probability
+    of at most ``min(1, n * fpr_upper)`` (union bound over its patches, no independence assumed), ``fpr_upper``
+    being the point's bound of the patch false-alarm rate. ``slide_fpr_upper`` is the mean of that over the
+    normal slides, the slide false-alarm rate the stored point allows; ``slide_fpr_above_bound`` is 1.0 when the
+    normal slides flagged exceed it.
+
+    Args:
+        scores: slide scores (log-odds).
+        labels: slide labels, 1 = tumour.
+        n_patches: patches scored per slide.
+        point: the model file's operating point (:func:`medgain.model_file.load_operating_point`).
+
+    Returns:
+        ``({"slide_sensitivity", "slide_specificity", "slide_false_alarms", "slide_fpr_upper",
+        "slide_fpr_above_bound"}, note)``: NaN figures without a threshold (or, for the bound, without
+        ``fpr_upper``); the note says why the bound does not hold, "" when it does or is unknown.
+    """
+    nan = {name: math.nan for name in ("slide_sensitivity", "slide_specificity", "slide_false_alarms",
+                                       "slide_fpr_upper", "slide_fpr_above_bound")}
+    threshold = point.get("threshold")
+    if threshold is None or not math.isfinite(float(threshold)):
+        return nan, ""
+    score, label, n = np.asarray(scores, float), np.asarray(labels, int), np.asarray(n_patches, float)
+    ill, normal = score >= float(threshold), label == 0
+    flagged = int((ill & normal).sum())
+    result = {
+        **nan,
+        "slide_sensitivity": float(ill[~normal].mean()) if (~normal).any() else math.nan,
+        "slide_specificity": float(1.0 - ill[normal].mean()) if normal.any() else math.nan,
+        "slide_false_alarms": float(flagged),
+    }
+    upper = point.get("fpr_upper")
+    if upper is None or not normal.any():
+        return result, ""
+    allowed = float(np.minimum(1.0, n[normal] * float(upper)).mean())
+    rate = flagged / int(normal.sum())
+    result.update({"slide_fpr_upper": allowed, "slide_fpr_above_bound": float(rate > allowed)})
+    if rate <= allowed:
+        return result, ""
+    return result, (
+        f"{flagged} of {int(normal.sum())} normal slides flagged at the stored threshold ({100.0 * rate:.1f} %), "
+        f"above the ≤ {format_percent_upper(allowed)} its patch false-alarm bound (≤ "
+        f"{format_percent_upper(float(upper))} per patch) allows: the threshold does not hold on these slides"
+    )
 
 
 def evaluate_inference(

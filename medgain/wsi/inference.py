@@ -5,6 +5,11 @@ regions (one read per block of ``region_patches`` x ``region_patches`` grid cell
 on a background thread while the network runs, batched, and background cells are never read. Each batch gives
 logits and the Grad-CAM of the tumour class from one forward (:func:`medgain.attention.grad_cam`).
 
+:class:`SlideInferer` runs the model at the magnification it was trained at: a slide whose microns per pixel at
+the model's level differ by more than :data:`MPP_TOLERANCE` is read at its level closest to the model's
+magnification (the finer side), and its patches are resized to the network input (logged, and recorded in the
+slide's outputs). Lesions are detected at the model's stored operating point unless a threshold is given.
+
 :func:`run_inference` does this for a list of slides: outputs of each slide are written to a temporary folder
 renamed into place, so an interrupted run resumes at the first unfinished slide; a slide that fails is a row
 of ``errors.csv`` and the others go on. Slides can be sharded over ranks (``torchrun``).
@@ -20,7 +25,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from scipy.special import expit
+from scipy.special import expit, logit
 from skimage.feature import peak_local_max
 from skimage.measure import label as label_components
 from torch import nn
@@ -42,6 +47,8 @@ from medgain.wsi.tissue import area_fraction, slide_tissue_mask
 
 __all__ = [
     "LESION_COLUMNS",
+    "MPP_TOLERANCE",
+    "PatchReading",
     "SlideInferer",
     "SlideMaps",
     "collect_slide_scores",
@@ -52,6 +59,32 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LESION_COLUMNS = ("x", "y", "probability", "log_odds", "n_patches")
+
+#: largest relative difference between a slide's microns per pixel and the model's that counts as the same
+#: magnification (10 %); beyond it slide inference resamples and patch tables are refused.
+MPP_TOLERANCE = 0.1
+
+
+def same_magnification(mpp: float, trained: float, tolerance: float = MPP_TOLERANCE) -> bool:
+    """Whether ``mpp`` is within ``tolerance`` (relative) of the ``trained`` microns per pixel."""
+    return abs(mpp / trained - 1.0) <= tolerance
+
+
+@dataclass(frozen=True)
+class PatchReading:
+    """How the patches of one slide are read.
+
+    Attributes:
+        level: the pyramid level read.
+        patch_size: side of a patch at ``level`` (resized to the network input when it differs from it).
+        stride: grid step in pixels of ``level``.
+        mpp: microns per pixel of ``level``; None when not checked (the model records no microns per pixel).
+    """
+
+    level: int
+    patch_size: int
+    stride: int
+    mpp: float | None = None
 
 
 @dataclass
@@ -103,7 +136,8 @@ class SlideInferer:
         region_patches: grid cells per side of the block read at once.
         score: slide score from the patch log-odds, "max" or "topk" (mean of the ``top_k`` highest).
         top_k: patches averaged by the "topk" score.
-        lesion_threshold: probability at which map cells belong to a detected lesion.
+        lesion_threshold: probability at which map cells belong to a detected lesion; None: the model's
+            stored operating point (``operating_point``), 0.5 (with a warning) for a model without one.
         lesion_method: "components" (one detection per connected region above the threshold, at its peak) or
             "maxima" (one per local maximum above the threshold).
         attention_cells: attention-map pixels per grid step.
@@ -117,6 +151,16 @@ class SlideInferer:
         backend: WSI backend.
         default_mpp: microns per pixel assumed for slides without resolution tags.
         prefetch: batches read ahead by the reading thread.
+        mpp: microns per pixel of the patches the model was trained on (its spec's ``mpp``); slides of another
+            magnification at ``level`` are resampled to it (see the module docstring). None: not checked
+            (warned), the slides are read at ``level`` whatever their magnification.
+        mpp_tolerance: relative difference of microns per pixel read as the same magnification.
+        operating_point: the model file's operating point (:func:`medgain.model_file.load_operating_point`),
+            whose threshold is the default ``lesion_threshold``.
+
+    Raises:
+        ValueError: for an invalid option, e.g. a ``level`` that is None (the model file records no pyramid
+            level: it is not a whole-slide patch model).
     """
 
     def __init__(
@@ -132,7 +176,7 @@ class SlideInferer:
         region_patches: int = 8,
         score: str = "max",
         top_k: int = 10,
-        lesion_threshold: float = 0.5,
+        lesion_threshold: float | None = None,
         lesion_method: str = "components",
         attention_cells: int = 4,
         mean: Sequence[float] | None = None,
@@ -144,7 +188,19 @@ class SlideInferer:
         backend: str = "tifffile",
         default_mpp: float | None = None,
         prefetch: int = 2,
+        mpp: float | None = None,
+        mpp_tolerance: float = MPP_TOLERANCE,
+        operating_point: Mapping[str, Any] | None = None,
     ) -> None:
+        if not isinstance(level, int) or isinstance(level, bool) or level < 0:
+            raise ValueError(
+                f"SlideInferer: level must be a pyramid level (an int >= 0), got {level!r}; a whole-slide model "
+                "file records the level it was trained at, one without it is not a whole-slide patch model"
+            )
+        if mpp is not None and not 0 < mpp < float("inf"):
+            raise ValueError(f"SlideInferer: mpp must be positive microns per pixel or None, got {mpp!r}")
+        if not 0 <= mpp_tolerance < 1:
+            raise ValueError(f"SlideInferer: mpp_tolerance must be in [0, 1), got {mpp_tolerance!r}")
         if score not in ("max", "topk"):
             raise ValueError(f"score must be 'max' or 'topk', got {score!r}")
         if lesion_method not in ("components", "maxima"):
@@ -162,7 +218,9 @@ class SlideInferer:
         self.region_patches = int(region_patches)
         self.score = score
         self.top_k = int(top_k)
-        self.lesion_threshold = float(lesion_threshold)
+        self.lesion_log_odds, self.lesion_threshold_source = _lesion_threshold(lesion_threshold, operating_point)
+        self.lesion_threshold = float(expit(self.lesion_log_odds))
+        logger.info("lesions detected at probability %.6g (%s)", self.lesion_threshold, self.lesion_threshold_source)
         self.lesion_method = lesion_method
         self.attention_cells = int(attention_cells)
         self.device = torch.device(device)
@@ -176,34 +234,101 @@ class SlideInferer:
         self.backend = backend
         self.default_mpp = default_mpp
         self.prefetch = max(int(prefetch), 1)
+        self.mpp = None if mpp is None else float(mpp)
+        self.mpp_tolerance = float(mpp_tolerance)
+        if self.mpp is None:
+            logger.warning(
+                "the model file records no microns per pixel: slides are read at level %d whatever their "
+                "magnification",
+                self.level,
+            )
 
     # -- reading ---------------------------------------------------------------------------------------------
-    def tissue_grid(self, slide: Slide) -> np.ndarray:
+    def reading(self, slide: Slide) -> PatchReading:
+        """Where the patches of ``slide`` are read: the model's level when the slide's microns per pixel there
+        match the model's (within ``mpp_tolerance``), else the coarsest level at least as fine as the model's
+        magnification, with patches of the size that covers the model's field of view (resized on reading).
+
+        Raises:
+            SlideError: when the level is out of range (model without microns per pixel), the slide has no
+                resolution tags and no ``default_mpp`` was given, or even its finest level is coarser than the
+                model's magnification.
+        """
+        p, s = self.patch_size, self.stride
+        if self.mpp is None:
+            if not 0 <= self.level < slide.level_count:
+                raise SlideError(f"{slide.path}: level {self.level} requested, the slide has {slide.level_count}")
+            return PatchReading(self.level, p, s)
+        trained = self.mpp
+        base = slide.mpp_at(0, f"checking it against the {trained:g} microns per pixel the model was trained at")
+        mpps = [base * d for d in slide.downsamples]
+        tol = self.mpp_tolerance
+        if self.level < slide.level_count and same_magnification(mpps[self.level], trained, tol):
+            return PatchReading(self.level, p, s, mpps[self.level])
+        finer = [k for k, m in enumerate(mpps) if m <= trained * (1.0 + tol)]
+        if not finer:
+            raise SlideError(
+                f"{slide.path}: {mpps[0]:.4g} microns per pixel at its finest level, coarser than the {trained:.4g} "
+                f"the model was trained at (level {self.level}): it cannot be run at the model's magnification"
+            )
+        level = max(finer, key=lambda k: mpps[k])
+        factor = 1.0 if same_magnification(mpps[level], trained, tol) else trained / mpps[level]
+        read = PatchReading(level, max(int(round(p * factor)), 1), max(int(round(s * factor)), 1), mpps[level])
+        at_level = f"{mpps[self.level]:.4g}" if self.level < slide.level_count else "no such level"
+        logger.warning(
+            "%s: %s microns per pixel at level %d, the model was trained at %.4g: patches are read at level %d "
+            "(%.4g microns per pixel)%s",
+            slide.path,
+            at_level,
+            self.level,
+            trained,
+            level,
+            mpps[level],
+            f", {read.patch_size} px resized to {p} px" if read.patch_size != p else "",
+        )
+        return read
+
+    def tissue_grid(self, slide: Slide, reading: PatchReading | None = None) -> np.ndarray:
         """(gh, gw) boolean grid of the cells whose patch holds at least ``min_tissue`` tissue.
+
+        Args:
+            slide: an open slide.
+            reading: where its patches are read (default :meth:`reading`).
 
         Raises:
             SlideError: when the level is out of range, smaller than a patch, or has no tissue patch.
         """
-        if not 0 <= self.level < slide.level_count:
-            raise SlideError(f"{slide.path}: level {self.level} requested, the slide has {slide.level_count}")
-        h, w = slide.level_shapes[self.level]
-        p, s = self.patch_size, self.stride
+        reading = reading or self.reading(slide)
+        level = reading.level
+        if not 0 <= level < slide.level_count:
+            raise SlideError(f"{slide.path}: level {level} requested, the slide has {slide.level_count}")
+        h, w = slide.level_shapes[level]
+        p, s = reading.patch_size, reading.stride
         if h < p or w < p:
-            raise SlideError(f"{slide.path}: level {self.level} ({w}x{h}) is smaller than one {p}-px patch")
+            raise SlideError(f"{slide.path}: level {level} ({w}x{h}) is smaller than one {p}-px patch")
         gh, gw = (h - p) // s + 1, (w - p) // s + 1
         mask, mask_level = slide_tissue_mask(slide, self.tissue_level)
-        d = slide.downsamples[self.level]
+        d = slide.downsamples[level]
         gy, gx = np.meshgrid(np.arange(gh) * s * d, np.arange(gw) * s * d, indexing="ij")
         frac = area_fraction(mask, slide.downsamples[mask_level], gx.ravel(), gy.ravel(), p * d).reshape(gh, gw)
         grid = frac >= self.min_tissue
         if not grid.any():
-            raise SlideError(f"{slide.path}: no patch holds {self.min_tissue:.0%} tissue at level {self.level}")
+            raise SlideError(f"{slide.path}: no patch holds {self.min_tissue:.0%} tissue at level {level}")
         return grid
 
-    def _blocks(self, slide: Slide, grid: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _resize(self, patches: np.ndarray) -> np.ndarray:
+        """uint8 patches (n, 3, P', P') resized (bilinear, antialiased) to the network input."""
+        x = torch.from_numpy(patches).float()
+        size = (self.patch_size, self.patch_size)
+        y = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return y.round_().clamp_(0, 255).to(torch.uint8).numpy()
+
+    def _blocks(
+        self, slide: Slide, grid: np.ndarray, reading: PatchReading
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(cells (n, 2), patches (n, 3, P, P) uint8)`` per block of grid cells, one region read each."""
-        p, s, r = self.patch_size, self.stride, self.region_patches
-        d = slide.downsamples[self.level]
+        p, s, r = reading.patch_size, reading.stride, self.region_patches
+        d = slide.downsamples[reading.level]
         for bi in range(0, grid.shape[0], r):
             for bj in range(0, grid.shape[1], r):
                 cells = np.argwhere(grid[bi : bi + r, bj : bj + r]) + (bi, bj)
@@ -212,17 +337,20 @@ class SlideInferer:
                 r0, c0 = cells.min(0)
                 r1, c1 = cells.max(0)
                 size = ((r1 - r0) * s + p, (c1 - c0) * s + p)
-                region = slide.read_region((round(r0 * s * d), round(c0 * s * d)), size, self.level)
+                region = slide.read_region((round(r0 * s * d), round(c0 * s * d)), size, reading.level)
                 ys = (cells[:, 0] - r0) * s
                 xs = (cells[:, 1] - c0) * s
-                yield cells, np.stack([region[:, y : y + p, x : x + p] for y, x in zip(ys, xs)])
+                patches = np.stack([region[:, y : y + p, x : x + p] for y, x in zip(ys, xs)])
+                yield cells, patches if p == self.patch_size else self._resize(patches)
 
-    def _batches(self, slide: Slide, grid: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _batches(
+        self, slide: Slide, grid: np.ndarray, reading: PatchReading
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Blocks regrouped into batches of ``batch_size`` patches."""
         cells_buf: list[np.ndarray] = []
         patch_buf: list[np.ndarray] = []
         count = 0
-        for cells, patches in self._blocks(slide, grid):
+        for cells, patches in self._blocks(slide, grid, reading):
             cells_buf.append(cells)
             patch_buf.append(patches)
             count += len(cells)
@@ -234,16 +362,20 @@ class SlideInferer:
         if count:
             yield np.concatenate(cells_buf), np.concatenate(patch_buf)
 
-    def iter_batches(self, slide: Slide, grid: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The patches of the ``grid`` cells (see :meth:`tissue_grid`) as ``(cells (B, 2), patches (B, 3, P, P)
-        uint8)`` batches, read on a background thread so that decoding overlaps the network."""
+    def iter_batches(
+        self, slide: Slide, grid: np.ndarray, reading: PatchReading | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The patches of the ``grid`` cells (see :meth:`tissue_grid`, with the same ``reading``, default
+        :meth:`reading`) as ``(cells (B, 2), patches (B, 3, P, P) uint8)`` batches, read on a background thread
+        so that decoding overlaps the network."""
+        reading = reading or self.reading(slide)
         q: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
         done = object()
 
         def produce() -> None:
             try:
-                for item in self._batches(slide, grid):
+                for item in self._batches(slide, grid, reading):
                     if stop.is_set():
                         return
                     q.put(item)
@@ -296,14 +428,15 @@ class SlideInferer:
         if self.channels_last:
             self.network.to(memory_format=torch.channels_last)
         with Slide(path, backend=self.backend, default_mpp=self.default_mpp) as slide:
-            grid = self.tissue_grid(slide)
+            reading = self.reading(slide)
+            grid = self.tissue_grid(slide, reading)
             gh, gw = grid.shape
-            p, s, k = self.patch_size, self.stride, self.attention_cells
+            p, s, k = reading.patch_size, reading.stride, self.attention_cells
             cells_per_patch = max(int(round(p * k / s)), 1)
             att_sum = np.zeros(((gh - 1) * k + cells_per_patch, (gw - 1) * k + cells_per_patch), dtype=np.float64)
             att_count = np.zeros_like(att_sum)
             scores = np.full(grid.shape, np.nan, dtype=np.float64)
-            for cells, patches in self.iter_batches(slide, grid):
+            for cells, patches in self.iter_batches(slide, grid, reading):
                 z, cam = self._forward(patches)
                 prob = torch.sigmoid(z).float().to(cam.device)
                 att = F.adaptive_avg_pool2d(normalize_cam(cam) * prob.view(-1, 1, 1, 1), cells_per_patch)
@@ -312,11 +445,17 @@ class SlideInferer:
                 for (i, j), a in zip(cells, att_np):
                     att_sum[i * k : i * k + cells_per_patch, j * k : j * k + cells_per_patch] += a
                     att_count[i * k : i * k + cells_per_patch, j * k : j * k + cells_per_patch] += 1.0
-            d = slide.downsamples[self.level]
+            d = slide.downsamples[reading.level]
             meta = {
-                "level": self.level,
-                "patch_size": p,
+                "level": reading.level,
+                "patch_size": self.patch_size,
                 "stride": s,
+                "read_patch_size": p,
+                "model_level": self.level,
+                "model_mpp": self.mpp,
+                "level_mpp": reading.mpp,
+                "lesion_threshold": self.lesion_threshold,
+                "lesion_threshold_source": self.lesion_threshold_source,
                 "map_downsample": s * d,
                 "map_offset": p * d / 2.0,
                 "attention_downsample": s * d / k,
@@ -339,7 +478,8 @@ class SlideInferer:
 
     def detect_lesions(self, probability: np.ndarray, scores: np.ndarray, meta: dict[str, Any]) -> list[dict[str, Any]]:
         """Lesions of a probability map (see ``lesion_method``), sorted by decreasing log-odds."""
-        above = probability >= self.lesion_threshold
+        with np.errstate(invalid="ignore"):
+            above = scores >= self.lesion_log_odds  # on the log-odds, exact where the probability rounds to 1
         if self.lesion_method == "components":
             regions = label_components(above, connectivity=2)
             peaks = []
@@ -368,6 +508,20 @@ class SlideInferer:
             for i, j, n in peaks
         ]
         return sorted(rows, key=lambda r: -r["log_odds"])
+
+
+def _lesion_threshold(given: float | None, point: Mapping[str, Any] | None) -> tuple[float, str]:
+    """The lesion threshold as log-odds and where it comes from (see :class:`SlideInferer`)."""
+    if given is not None:
+        if not 0.0 <= given <= 1.0:
+            raise ValueError(f"SlideInferer: lesion_threshold must be a probability in [0, 1], got {given!r}")
+        return float(logit(given)), "lesion_threshold given"
+    threshold = None if point is None else point.get("threshold")
+    if threshold is not None and np.isfinite(float(threshold)):
+        return float(threshold), f"the model's operating point, log-odds {float(threshold):.6g}"
+    reason = "no operating point given" if point is None else point.get("reason") or "no finite threshold"
+    logger.warning("the model has no operating point (%s): lesions are detected at probability 0.5", reason)
+    return 0.0, f"0.5: the model has no operating point ({reason})"
 
 
 def _overlay(thumbnail: np.ndarray, heat: np.ndarray, scale: float, offset: float, alpha: float = 0.45) -> Image.Image:

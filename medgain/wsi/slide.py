@@ -1,10 +1,13 @@
 """Whole-slide images through MONAI's ``WSIReader`` stack, with the checks a slide needs before use.
 
 :class:`Slide` opens a slide with a configurable backend (``tifffile`` by default, ``openslide`` or ``cucim``
-when installed), validates it (readable, not truncated, pyramidal) and reads regions at any level.
-:class:`TiledTiffFileWSIReader` is MONAI's tifffile reader with one change: a region decodes only the tiles it
-overlaps, where MONAI's decodes the whole level for every patch. It is a ``BaseWSIReader``, so it can also be
-given to MONAI's ``PatchWSIDataset`` family as ``reader``.
+when installed), validates it (readable, not truncated, a compression that can be decoded), finds its microns
+per pixel in the file's own metadata and reads regions at any level. A slide with a single level gets lower
+levels computed on read. :class:`TiledTiffFileWSIReader` is MONAI's tifffile reader with two changes: its
+levels are the pyramid of the file's main image series (so Aperio SVS, OME-TIFF and Hamamatsu NDPI pyramids
+are read as the vendor wrote them, without thumbnail, label or macro pages), and a region decodes only the
+tiles (or strips) it overlaps, where MONAI's decodes the whole level for every patch. It is a
+``BaseWSIReader``, so it can also be given to MONAI's ``PatchWSIDataset`` family as ``reader``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,8 @@ from typing import Any
 import numpy as np
 from monai.data import WSIReader
 from monai.data.wsi_reader import BaseWSIReader, TiffFileWSIReader
+from tifffile import COMPRESSION, TIFF
+from tifffile.tifffile import svs_description_metadata
 
 __all__ = ["WSI_BACKENDS", "Slide", "SlideError", "TiledTiffFileWSIReader", "wsi_reader"]
 
@@ -26,33 +32,78 @@ logger = logging.getLogger(__name__)
 
 WSI_BACKENDS = ("tifffile", "openslide", "cucim")
 
-# TIFF ResolutionUnit values -> microns per unit
-_UNIT_MICRONS = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}
+# TIFF ResolutionUnit values -> (name, microns per unit); 1 (no unit) gives no physical size
+_RESOLUTION_UNITS = {
+    2: ("inch", 25400.0), 3: ("centimeter", 10000.0), 4: ("millimeter", 1000.0), 5: ("micrometer", 1.0),
+}
+# OME-XML PhysicalSizeXUnit values -> microns per unit (OME's default unit is the micrometre)
+_OME_UNITS = {
+    "\u00b5m": 1.0, "\u03bcm": 1.0, "um": 1.0, "nm": 1e-3, "pm": 1e-6, "\u00c5": 1e-4, "mm": 1e3, "cm": 1e4, "m": 1e6,
+}
+# resolution tags coarser than this are a screen or print resolution (72 dpi = 353 µm), not a microscope's
+_MAX_TAG_MPP = 20.0
+# a single-level slide gets computed levels, each half the one above, until the longer side is at most this
+_COMPUTED_LEVEL_SIDE = 256
+# level-0 pixels per side of the blocks a computed level is reduced from (bounds the memory of one read)
+_REDUCE_BLOCK = 4096
 
 
 class SlideError(ValueError):
     """A slide that cannot be used; the message names the file and what is wrong."""
 
 
-class TiledTiffFileWSIReader(TiffFileWSIReader):
-    """MONAI's tifffile WSI reader, decoding only the tiles a region overlaps.
+def _levels(wsi: Any) -> list[Any]:
+    """The keyframe (first page) of each pyramid level of a TiffFile's main image series."""
+    return [level.keyframe for level in wsi.series[0].levels]
 
-    Regions may extend past the level's border; pixels outside are white (255). Pages that are not tiled fall
-    back to MONAI's whole-level read. Same arguments as ``monai.data.wsi_reader.TiffFileWSIReader``.
+
+class TiledTiffFileWSIReader(TiffFileWSIReader):
+    """MONAI's tifffile WSI reader over the main series' pyramid, decoding only the tiles a region overlaps.
+
+    Levels are ``wsi.series[0].levels`` (tifffile's pyramid of the main image: sub-IFDs of OME-TIFF, the
+    levels of SVS and NDPI without their thumbnail, label and macro images, reduced-resolution pages of a
+    generic TIFF). Regions may extend past the level's border; pixels outside are white (255). Tiled and
+    stripped pages are decoded piecewise; other layouts (planar, volumetric) fall back to MONAI's whole-level
+    read. Same arguments as ``monai.data.wsi_reader.TiffFileWSIReader``.
+
+    Raises (from ``get_data``):
+        SlideError: naming the file, the level and the tile, when a tile cannot be decoded (corrupt data).
     """
+
+    @staticmethod
+    def get_level_count(wsi: Any) -> int:
+        return len(wsi.series[0].levels)
+
+    def get_size(self, wsi: Any, level: int) -> tuple[int, int]:
+        page = _levels(wsi)[level]
+        return (page.imagelength, page.imagewidth)
+
+    def get_downsample_ratio(self, wsi: Any, level: int) -> float:
+        levels = _levels(wsi)
+        return float(levels[0].imagelength) / float(levels[level].imagelength)
+
+    def get_mpp(self, wsi: Any, level: int) -> tuple[float, float]:
+        mpp, _, _ = _tiff_metadata(wsi)
+        if mpp is None:
+            raise ValueError(f"{wsi.filehandle.path}: no microns per pixel in the file's metadata")
+        ratio = self.get_downsample_ratio(wsi, level)
+        return (mpp * ratio, mpp * ratio)
 
     def _get_patch(
         self, wsi: Any, location: tuple[int, int], size: tuple[int, int], level: int, dtype: Any, mode: str
     ) -> np.ndarray:
-        page = wsi.pages[level]
-        if not page.is_tiled or page.imagedepth != 1:
+        page = _levels(wsi)[level]
+        if page.imagedepth != 1 or (page.samplesperpixel > 1 and page.planarconfig != 1):
             return super()._get_patch(wsi, location, size, level, dtype, mode)
         ratio = self.get_downsample_ratio(wsi, level)
         top, left = (round(location[i] / ratio) for i in range(2))
         height, width = int(size[0]), int(size[1])
         spp = page.samplesperpixel
         out = np.full((height, width, spp), 255, dtype=page.dtype)
-        th, tw = page.tilelength, page.tilewidth
+        if page.is_tiled:
+            th, tw = page.tilelength, page.tilewidth
+        else:
+            th, tw = min(page.rowsperstrip or page.imagelength, page.imagelength), page.imagewidth
         across = -(-page.imagewidth // tw)
         y0, y1 = max(top, 0), min(top + height, page.imagelength)
         x0, x1 = max(left, 0), min(left + width, page.imagewidth)
@@ -66,7 +117,15 @@ class TiledTiffFileWSIReader(TiffFileWSIReader):
             counts = [page.databytecounts[i] for i in indices]
             decode = page.decode
             for data, i in wsi.filehandle.read_segments(offsets, counts, indices, sort=True):
-                tile, _, _ = decode(data, i, jpegtables=page.jpegtables, jpegheader=page.jpegheader)
+                try:
+                    tile, _, _ = decode(data, i, jpegtables=page.jpegtables, jpegheader=page.jpegheader)
+                except Exception as err:  # imagecodecs raises one error type per codec
+                    raise SlideError(
+                        f"{wsi.filehandle.path}: tile {i} of level {level} cannot be decoded "
+                        f"({_compression_name(page)}; corrupt data?): {type(err).__name__}: {err}"
+                    ) from err
+                if tile is None:  # a tile with no data (sparse file): left white
+                    continue
                 ty, tx = divmod(i, across)
                 ys, xs = ty * th, tx * tw
                 a0, a1 = max(y0, ys), min(y1, ys + th)
@@ -83,7 +142,7 @@ class TiledTiffFileWSIReader(TiffFileWSIReader):
 
 
 def wsi_reader(backend: str = "tifffile", **kwargs: Any) -> BaseWSIReader:
-    """A MONAI WSI reader for ``backend``: tile-exact :class:`TiledTiffFileWSIReader` for "tifffile", MONAI's
+    """A MONAI WSI reader for ``backend``: :class:`TiledTiffFileWSIReader` for "tifffile", MONAI's
     ``WSIReader`` for "openslide" and "cucim".
 
     Raises:
@@ -103,10 +162,25 @@ def wsi_reader(backend: str = "tifffile", **kwargs: Any) -> BaseWSIReader:
     return WSIReader(backend=name, **kwargs)
 
 
+def _compression_name(page: Any) -> str:
+    code = int(page.tags.valueof("Compression", 1))
+    try:
+        return f"compression {COMPRESSION(code).name}"
+    except ValueError:
+        return f"compression {code}"
+
+
 def _check_tiff(wsi: Any, path: Path) -> None:
-    """Raise :class:`SlideError` when a TIFF's tiles point past the end of the file (a truncated copy)."""
+    """Raise :class:`SlideError` when a pyramid level's tiles point past the end of the file (a truncated copy)
+    or use a compression that cannot be decoded."""
     size = path.stat().st_size
-    for level, page in enumerate(wsi.pages):
+    for level, page in enumerate(_levels(wsi)):
+        code = int(page.tags.valueof("Compression", 1))
+        if code not in TIFF.DECOMPRESSORS:
+            raise SlideError(
+                f"{path}: level {level} uses {_compression_name(page)}, which the installed tifffile / imagecodecs "
+                "cannot decode (unsupported compression); convert the slide or use the openslide backend"
+            )
         ends = [o + c for o, c in zip(page.dataoffsets, page.databytecounts) if c]
         if ends and max(ends) > size:
             missing = sum(1 for e in ends if e > size)
@@ -116,46 +190,113 @@ def _check_tiff(wsi: Any, path: Path) -> None:
             )
 
 
-def _tiff_mpp(wsi: Any) -> float | None:
-    """Level-0 microns per pixel from a TIFF's resolution tags (or an SVS description), None when absent."""
-    if getattr(wsi, "is_svs", False):
-        mpp = (wsi.svs_metadata or {}).get("MPP")
-        if mpp:
-            return float(mpp)
-    tags = wsi.pages[0].tags
-    unit = tags.get("ResolutionUnit")
-    xres = tags.get("XResolution")
-    if unit is None or xres is None or int(unit.value) not in _UNIT_MICRONS:
+def _resolution_mpp(page: Any, path: Path) -> float | None:
+    """Microns per pixel from a page's XResolution / ResolutionUnit, None without a physical unit or when the
+    value is a screen or print resolution (coarser than :data:`_MAX_TAG_MPP`)."""
+    tags = page.tags
+    unit, xres = tags.get("ResolutionUnit"), tags.get("XResolution")
+    if unit is None or xres is None or int(unit.value) not in _RESOLUTION_UNITS:
         return None
     num, den = xres.value
     if not num or not den:
         return None
-    return _UNIT_MICRONS[int(unit.value)] * den / num
+    name, microns = _RESOLUTION_UNITS[int(unit.value)]
+    mpp = microns * den / num
+    if mpp > _MAX_TAG_MPP:
+        logger.warning(
+            "%s: resolution tags of %g pixels per %s (%.4g microns per pixel) are a screen or print resolution, not "
+            "a microscope's; ignored",
+            path, num / den, name, mpp,
+        )
+        return None
+    return mpp
+
+
+def _ome_mpp(xml: str, path: Path) -> float | None:
+    """Microns per pixel from the first image's ``Pixels`` ``PhysicalSizeX`` (and its unit) of OME-XML."""
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError as err:
+        raise SlideError(f"{path}: the OME-XML metadata cannot be parsed: {err}") from err
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None or pixels.get("PhysicalSizeX") is None:
+        return None
+    unit = pixels.get("PhysicalSizeXUnit", "\u00b5m")
+    if unit not in _OME_UNITS:
+        raise SlideError(f"{path}: OME PhysicalSizeXUnit {unit!r} is not a length unit ({sorted(_OME_UNITS)})")
+    try:
+        value = float(pixels.get("PhysicalSizeX")) * _OME_UNITS[unit]
+    except ValueError as err:
+        raise SlideError(f"{path}: OME PhysicalSizeX {pixels.get('PhysicalSizeX')!r} is not a number") from err
+    return value if math.isfinite(value) and value > 0 else None
+
+
+def _positive(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) and number > 0 else None
+
+
+def _tiff_metadata(wsi: Any) -> tuple[float | None, str | None, float | None]:
+    """``(mpp, source, magnification)`` of a TiffFile's level 0, from the vendor's metadata first: the Aperio
+    description (``MPP``, ``AppMag``), OME-XML (``PhysicalSizeX`` with its unit), the Hamamatsu NDPI
+    magnification tag, then the resolution tags. Missing values are None."""
+    path = Path(wsi.filehandle.path)
+    page = _levels(wsi)[0]
+    magnification = None
+    if wsi.is_svs:
+        try:
+            meta = svs_description_metadata(wsi.pages.first.description)
+        except ValueError as err:
+            raise SlideError(f"{path}: the Aperio image description cannot be parsed: {err}") from err
+        magnification = _positive(meta.get("AppMag"))
+        mpp = _positive(meta.get("MPP"))
+        if mpp is not None:
+            return mpp, "Aperio MPP", magnification
+    if wsi.is_ome and wsi.ome_metadata:
+        mpp = _ome_mpp(wsi.ome_metadata, path)
+        if mpp is not None:
+            return mpp, "OME PhysicalSizeX", magnification
+    if wsi.is_ndpi:
+        magnification = _positive(page.tags.valueof(65421))  # NDPI Magnification
+    mpp = _resolution_mpp(page, path)
+    return mpp, (None if mpp is None else "TIFF resolution tags"), magnification
 
 
 class Slide:
     """An open whole-slide image.
 
+    Microns per pixel come from the file's own metadata (Aperio ``MPP``, OME ``PhysicalSizeX``, TIFF resolution
+    tags in a physical unit, OpenSlide's ``openslide.mpp-x``); ``default_mpp`` is used only when there is none.
+    A slide with a single level (an exported region, a small scan) gets lower levels, each half the one above,
+    computed from level 0 on every read: slower than a stored pyramid, which a warning says.
+
     Args:
-        path: the slide file.
+        path: the slide file (for a DICOM whole-slide image with the openslide backend: one ``.dcm`` of the
+            series; for MIRAX: the ``.mrxs`` file).
         backend: "tifffile" (default), "openslide" or "cucim".
-        default_mpp: microns per pixel to assume when the slide has no resolution tags (stated in a warning
-            when used); None makes :meth:`mpp_at` fail for such slides.
-        require_pyramid: reject single-level slides (every read of a large flat image decodes all of it).
+        default_mpp: microns per pixel to assume when the slide's metadata has none (stated in a warning when
+            used); None makes :meth:`mpp_at` fail for such slides.
+
+    Attributes:
+        mpp: level-0 microns per pixel from the file, or None.
+        mpp_source: where ``mpp`` was read ("Aperio MPP", "OME PhysicalSizeX", "TIFF resolution tags",
+            "openslide.mpp-x", ...), or None.
+        magnification: the scanner's objective magnification (Aperio ``AppMag``, NDPI magnification,
+            ``openslide.objective-power``), or None.
+        level_count, level_shapes, downsamples: the levels, stored and computed.
+        stored_levels: how many of the levels are stored in the file.
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
-        SlideError: when the file cannot be read by the backend, is truncated or (``require_pyramid``) has a
-            single level.
+        ValueError: for an unknown backend, or one that is not installed.
+        SlideError: when the file cannot be read by the backend, is truncated, uses a compression that cannot
+            be decoded or has unusable metadata; the message names the file and the cause.
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        backend: str = "tifffile",
-        default_mpp: float | None = None,
-        require_pyramid: bool = True,
-    ) -> None:
+    def __init__(self, path: str | os.PathLike, backend: str = "tifffile", default_mpp: float | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such slide file")
@@ -165,37 +306,63 @@ class Slide:
             self.wsi = self.reader.read(str(self.path))
         except Exception as err:  # the backends raise many types for unreadable files
             raise SlideError(
-                f"{self.path}: cannot be read as a whole-slide image with the {self.backend} backend: {err}"
+                f"{self.path}: cannot be read as a whole-slide image with the {self.backend} backend: "
+                f"{type(err).__name__}: {err}"
             ) from err
         try:
             if self.backend == "tifffile":
                 _check_tiff(self.wsi, self.path)
-            self.level_count = int(self.reader.get_level_count(self.wsi))
+            self.stored_levels = int(self.reader.get_level_count(self.wsi))
             self.level_shapes = [
-                tuple(int(v) for v in self.reader.get_size(self.wsi, k)) for k in range(self.level_count)
+                tuple(int(v) for v in self.reader.get_size(self.wsi, k)) for k in range(self.stored_levels)
             ]
-            self.downsamples = [float(self.reader.get_downsample_ratio(self.wsi, k)) for k in range(self.level_count)]
-            if require_pyramid and self.level_count < 2:
-                h, w = self.level_shapes[0]
-                raise SlideError(
-                    f"{self.path}: not a pyramidal slide (a single {w}x{h} level); write it as a tiled pyramid "
-                    "(e.g. tifffile with sub-resolution levels, or `vips tiffsave --tile --pyramid`)"
-                )
-            self.mpp = self._read_mpp()
-        except Exception:
+            self.downsamples = [float(self.reader.get_downsample_ratio(self.wsi, k)) for k in range(self.stored_levels)]
+            self.mpp, self.mpp_source, self.magnification = self._read_metadata()
+        except Exception as err:
             self.close()
-            raise
+            if isinstance(err, SlideError):
+                raise
+            raise SlideError(
+                f"{self.path}: cannot be read as a whole-slide image with the {self.backend} backend: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        if self.stored_levels == 1:
+            self._add_computed_levels()
+        self.level_count = len(self.level_shapes)
         self.default_mpp = default_mpp
 
-    def _read_mpp(self) -> float | None:
+    def _add_computed_levels(self) -> None:
+        h, w = self.level_shapes[0]
+        factor = 1
+        while max(h, w) // factor > _COMPUTED_LEVEL_SIDE and min(h, w) // (factor * 2) >= 1:
+            factor *= 2
+            self.level_shapes.append((h // factor, w // factor))
+            self.downsamples.append(float(factor))
+        if factor > 1:
+            logger.warning(
+                "%s: a single stored level (%dx%d); lower levels are computed from it on every read, which is "
+                "slow for large images (store a tiled pyramid, e.g. `vips tiffsave --tile --pyramid`, for speed)",
+                self.path, w, h,
+            )
+
+    def _read_metadata(self) -> tuple[float | None, str | None, float | None]:
         if self.backend == "tifffile":
-            return _tiff_mpp(self.wsi)
+            return _tiff_metadata(self.wsi)
+        if self.backend == "openslide":
+            props = self.wsi.properties
+            magnification = _positive(props.get("openslide.objective-power"))
+            mpp = _positive(props.get("openslide.mpp-x"))
+            if mpp is not None and props.get("openslide.vendor") == "generic-tiff" and mpp > _MAX_TAG_MPP:
+                logger.warning("%s: resolution tags give %.4g microns per pixel, not a microscope's; ignored",
+                               self.path, mpp)
+                mpp = None
+            return mpp, (None if mpp is None else "openslide.mpp-x"), magnification
         try:
             mpp = self.reader.get_mpp(self.wsi, 0)
         except (ValueError, KeyError):
-            return None
-        value = float(mpp[1] if isinstance(mpp, Sequence) else mpp)
-        return value if math.isfinite(value) and value > 0 else None
+            return None, None, None
+        value = _positive(mpp[1] if isinstance(mpp, Sequence) else mpp)
+        return value, (None if value is None else f"{self.backend} metadata"), None
 
     @property
     def name(self) -> str:
@@ -208,17 +375,18 @@ class Slide:
         return self.level_shapes[0]
 
     def mpp_at(self, level: int = 0, purpose: str = "this step") -> float:
-        """Microns per pixel at ``level``: from the slide's tags, else the assumed ``default_mpp`` (warned).
+        """Microns per pixel at ``level``: from the slide's metadata, else the assumed ``default_mpp`` (warned).
 
         Raises:
-            SlideError: when the slide has no resolution tags and no ``default_mpp`` was given.
+            SlideError: when the slide's metadata gives no microns per pixel and no ``default_mpp`` was given.
         """
         mpp = self.mpp
         if mpp is None:
             if self.default_mpp is None:
                 raise SlideError(
-                    f"{self.path}: no resolution tags (microns per pixel), which {purpose} needs; give the "
-                    "microns per pixel to assume (default_mpp)"
+                    f"{self.path}: no resolution tags or other microns-per-pixel metadata (Aperio MPP, OME "
+                    f"PhysicalSizeX, resolution tags in cm or inch), which {purpose} needs; pass the value to assume: "
+                    "--mpp (`medgain wsi patches`) or default_mpp (bundle configs)"
                 )
             logger.warning("%s: no resolution tags; assuming %g microns per pixel", self.path, self.default_mpp)
             mpp = self.default_mpp
@@ -229,28 +397,52 @@ class Slide:
         fitting = [k for k, d in enumerate(self.downsamples) if d <= downsample * 1.001]
         return max(fitting, key=lambda k: self.downsamples[k]) if fitting else 0
 
+    def _read_stored(self, location: tuple[int, int], size: tuple[int, int], level: int) -> np.ndarray:
+        try:
+            data, _ = self.reader.get_data(self.wsi, location=location, size=size, level=level)
+        except SlideError:
+            raise
+        except Exception as err:  # the backends raise many types for undecodable data
+            raise SlideError(
+                f"{self.path}: reading {tuple(size)} px at {tuple(location)} (level {level}) failed: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        return np.asarray(data, dtype=np.uint8)
+
+    def _read_computed(self, location: tuple[int, int], size: tuple[int, int], level: int) -> np.ndarray:
+        """A region of a computed level: level-0 blocks reduced by their mean over ``factor``-px squares."""
+        factor = int(self.downsamples[level])
+        height, width = size
+        out = np.empty((3, height, width), np.uint8)
+        step = max(1, _REDUCE_BLOCK // factor)
+        for r in range(0, height, step):
+            for c in range(0, width, step):
+                bh, bw = min(step, height - r), min(step, width - c)
+                block = self._read_stored((location[0] + r * factor, location[1] + c * factor),
+                                          (bh * factor, bw * factor), 0)
+                reduced = block[:3].reshape(3, bh, factor, bw, factor).mean(axis=(2, 4))
+                out[:, r : r + bh, c : c + bw] = np.round(reduced).astype(np.uint8)
+        return out
+
     def read_region(self, location: tuple[int, int], size: tuple[int, int], level: int) -> np.ndarray:
         """RGB pixels (3, h, w) uint8 of a region.
 
         Args:
             location: (top, left) in level-0 pixels.
             size: (height, width) at ``level``.
-            level: pyramid level.
+            level: pyramid level (stored or computed).
 
         Raises:
-            SlideError: when the backend fails to decode the region (e.g. a corrupt tile).
+            SlideError: when the backend fails to decode the region (e.g. a corrupt tile); the message names the
+                file and the cause.
         """
         if not 0 <= level < self.level_count:
             raise ValueError(f"{self.path}: level {level} out of range (the slide has {self.level_count})")
-        try:
-            data, _ = self.reader.get_data(
-                self.wsi, location=tuple(int(v) for v in location), size=tuple(int(v) for v in size), level=level
-            )
-        except Exception as err:
-            raise SlideError(
-                f"{self.path}: reading {tuple(size)} px at {tuple(location)} (level {level}) failed: {err}"
-            ) from err
-        return np.asarray(data, dtype=np.uint8)
+        location = (int(location[0]), int(location[1]))
+        size = (int(size[0]), int(size[1]))
+        if level >= self.stored_levels:
+            return self._read_computed(location, size, level)
+        return self._read_stored(location, size, level)
 
     def read_level(self, level: int) -> np.ndarray:
         """A whole level as (3, H, W) uint8 (meant for low-resolution levels)."""
@@ -258,7 +450,7 @@ class Slide:
 
     def close(self) -> None:
         """Release the file."""
-        close = getattr(self.wsi, "close", None)
+        close = getattr(getattr(self, "wsi", None), "close", None)
         if close is not None:
             close()
 
