@@ -10,7 +10,9 @@ A medgain checkpoint (written by :class:`medgain.handlers.BestModelSaver`) is a 
                          threshold), with what it is worth: "negatives", "positives", "false_alarms" (validation
                          counts at the threshold), "fpr_upper" (one-sided 95 % Clopper-Pearson upper bound of the
                          false-alarm rate), "confidence", "unit" and "statement" (the same in words),
-     "epoch": int, "metrics": {name: float}, "provenance": {"run_id", "model_name", "model_version"}}
+     "epoch": int, "metrics": {name: float}, "provenance": {"run_id", "model_name", "model_version"},
+     "attention_display": {"scale": float, "how": str} (optional: the top of the validation attention gallery's
+                          colour scale, which inference heatmaps share; see load_attention_display)}
 
 The threshold is on the log-odds of being ill (:func:`medgain.metrics.positive_score`); it is ``None`` when
 validation gave no finite operating point (then no decision may be taken with the model). Model files written
@@ -48,6 +50,7 @@ __all__ = [
     "build_network",
     "decision_threshold",
     "find_training_checkpoint",
+    "load_attention_display",
     "load_checkpoint",
     "load_model",
     "load_model_spec",
@@ -381,6 +384,28 @@ def load_operating_point(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(point, Mapping) or "threshold" not in point:
         raise ValueError(f"{path}: holds no operating point (not written by BestModelSaver, e.g. a plain state dict)")
     return {**point, "statement": point.get("statement") or operating_point_words(point)}
+
+
+def load_attention_display(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The attention colour scale stored by :class:`medgain.handlers.BestModelSaver`: the Grad-CAM value at the
+    top of the validation attention gallery's common scale, so that inference heatmaps use the same one.
+
+    Returns:
+        ``{"scale": float > 0, "how": str}``, or None when the model file stores none (written before it was
+        stored, or trained without a gallery).
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+        ValueError: when the stored entry is malformed (no positive finite ``scale``).
+    """
+    checkpoint = load_checkpoint(path)
+    display = checkpoint.get("attention_display") if isinstance(checkpoint, Mapping) else None
+    if display is None:
+        return None
+    scale = display.get("scale") if isinstance(display, Mapping) else None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{path}: attention_display must hold a positive finite 'scale', got {display!r}")
+    return {"scale": float(scale), "how": str(display.get("how", ""))}
 
 
 def decision_threshold(point: Mapping[str, Any], source: str | os.PathLike) -> float:

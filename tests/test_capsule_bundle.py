@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -64,9 +65,10 @@ def test_training_run_is_tracked_in_mlflow(trained: Path, dataset: Path) -> None
     (run,) = _runs(trained, "train-")
     client = _client(trained)
     assert run.info.status == "FINISHED"
-    expected = {"loss", "loss_cl", "loss_am", "loss_ex", "loss_area", "val_auc", "val_tpr_at_fpr_0.0005",
-                "val_tpr_at_fpr_0.001", "val_iou", "val_attention_in_mask", "val_accuracy"}
+    expected = {"loss", "loss_cl", "loss_am", "loss_ex", "val_auc", "val_tpr_at_fpr_0.0005", "val_tpr_at_fpr_0.001",
+                "val_iou", "val_attention_in_mask", "val_attention_outside_fov", "val_accuracy"}
     assert expected <= set(run.data.metrics)
+    assert "loss_area" not in run.data.metrics  # area_weight 0: switched off, not logged as a constant 0
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_auc")] == [1, 2]
     assert len(client.get_metric_history(run.info.run_id, "loss_am")) > 2  # logged every iteration
     for name in ("am_weight", "ex_weight", "grad_magnitude", "masks_fraction", "lesion_labels", "network"):
@@ -136,7 +138,7 @@ def test_evaluate_reports_the_shipped_operating_point_and_links_the_training_run
     assert set(metrics) == {
         "test_sensitivity", "test_specificity", "test_false_alarms", "test_false_alarms_per_1000", "test_accuracy",
         "test_retuned_tpr_at_fpr_0.001", "test_retuned_tpr_at_fpr_0.0005", "test_auc", "test_iou",
-        "test_attention_in_mask", "test_fpr_upper", "test_fpr_above_bound",
+        "test_attention_in_mask", "test_attention_outside_fov", "test_fpr_upper", "test_fpr_above_bound",
         *[k for k in metrics if k.startswith("test_retuned_") and k.endswith(
             ("_threshold", "_negatives", "_positives", "_false_alarms"))],
     }
@@ -158,6 +160,9 @@ def test_evaluate_reports_the_shipped_operating_point_and_links_the_training_run
     assert (out / "roc_test.png").is_file() and (out / "attention" / "test.png").is_file()
     (run,) = _runs(trained, "evaluate-test-small_cnn-")
     (train_run,) = _runs(trained, "train-")
+    assert re.fullmatch(r"f-[0-9a-f]{16}", run.data.params["checkpoint"])  # a pseudonym, as dataset_dir
+    assert not {"max_epochs", "epoch_length"} & set(run.data.params)  # no training-only params
+    assert 0.0 <= run.data.metrics["test_attention_outside_fov"] <= 1.0
     assert run.data.tags["training_run_id"] == train_run.info.run_id
     assert run.data.tags["model_name"] == "capsule_endoscopy_gain" and run.data.tags["model_version"] == "1"
     assert "needs >= 1000" in run.data.tags["note.test_retuned_tpr_at_fpr_0.001"]

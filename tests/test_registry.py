@@ -95,7 +95,9 @@ def test_review_report_and_registry_records(flow: Any) -> None:
     # logged on the version's run and linked from the version
     version = client.get_model_version(NAME, "2")
     assert version.tags["review.report"] == f"runs:/{version.run_id}/review/v2/report.html"
-    assert "Review: runs:/" in version.description and "Best model of training run" in version.description
+    assert "Review: [report](#/experiments/" in version.description and "Best model of training run" in version.description
+    page = f"/runs/{version.run_id}/artifacts/review/v2/report.html)"  # a link the MLflow UI opens
+    assert page in version.description and version.tags["review.page"].endswith(page[:-1])
     logged = client.download_artifacts(version.run_id, "review/v2/report.html", str(flow["root"] / "dl"))
     assert Path(logged).read_text() == (flow["root"] / "review2" / "report.html").read_text()
 

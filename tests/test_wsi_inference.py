@@ -222,3 +222,35 @@ def test_froc_is_nan_when_every_annotated_tumour_is_an_isolated_tumour_cell_clus
     bigger = write_asap_xml(tmp_path / "big.xml", [square + [[0, 0], [200, 0], [200, 200], [0, 200]]])  # 320 um
     metrics = evaluate_inference(out, [{**table[0], "annotation": str(bigger)}, table[1]], mask_downsample=8.0)
     assert metrics["n_tumours"] == 1 and metrics["froc"] == 1.0  # the hit outranks the clean slide's false positive
+
+
+def test_slide_overlays_outline_the_annotated_tumour(slides, tmp_path):
+    from PIL import Image
+    from scipy import ndimage
+
+    from medgain.wsi import read_annotations, tumour_mask
+    from medgain.wsi.inference import CONTOUR_RGB
+
+    _, tumour, _ = slides
+    xml = write_asap_xml(tmp_path / "tumour.xml", tumour.tumours)
+    run_inference([tumour.path], tmp_path / "out", _inferer(), annotations=[xml])
+    run_inference([tumour.path], tmp_path / "bare", _inferer(), annotations=[None])
+    folder = tmp_path / "out" / "tumour"
+    thumb = np.asarray(Image.open(folder / "thumbnail.png"))
+    factor = max(1, -(-256 // thumb.shape[0]))  # heatmap_panel enlarges the overlay to at least 256 rows
+    mask = tumour_mask(read_annotations(xml), thumb.shape[:2], downsample=2048 / thumb.shape[1])
+    edge = mask & ~ndimage.binary_erosion(mask, border_value=0)
+    assert edge.sum() >= 8
+    rows, cols = np.nonzero(edge)
+    for name in ("probability_overlay.png", "attention_overlay.png"):
+        panel = np.asarray(Image.open(folder / name).convert("RGB"))
+        along = panel[rows * factor + factor // 2, cols * factor + factor // 2]
+        assert (along == CONTOUR_RGB).all(), name  # every boundary pixel of the annotation is drawn
+        inside = ndimage.binary_erosion(mask, iterations=3)
+        if inside.any():  # the tumour itself stays visible under its outline
+            r, c = np.nonzero(inside)
+            assert not (panel[r * factor, c * factor] == CONTOUR_RGB).all(-1).any()
+        bare = np.asarray(Image.open(tmp_path / "bare" / "tumour" / name).convert("RGB"))
+        assert not (bare == CONTOUR_RGB).all(-1).any()  # no annotation, no outline
+    with pytest.raises(ValueError, match="1 annotation entries for 2 slides"):
+        run_inference([tumour.path, tumour.path], tmp_path / "x", _inferer(), annotations=[xml])

@@ -171,6 +171,33 @@ def test_network_def_without_a_model_file_has_the_metadata_shape(name: str, tmp_
     assert out.shape == (1, meta["network_data_format"]["outputs"]["pred"]["num_channels"])
 
 
+@pytest.mark.parametrize("architecture", ["classifier", "fusion", "chipnet", "glimpse"])
+def test_every_architecture_scripts_to_the_eager_outputs(architecture: str) -> None:
+    """torch.jit.script (what ckpt_export and the partner package use) of each model-spec architecture, including
+    the fused network's f-string-free errors and the glimpse model's Gaussian filter banks."""
+    options: dict[str, Any] = {
+        "classifier": {"normalization": {"mean": [0.5] * 3, "std": [0.25] * 3}},
+        "fusion": {"architecture": "fusion", "metadata_encoder": ENCODER},
+        "chipnet": {"architecture": "chipnet", "chip_size": 8},
+        "glimpse": TINY_SPECS["glimpse_attention"],
+    }[architecture]
+    net = build_network(spec_from_config("small_cnn", 2, 32, **options), logits_only=True).eval()
+    scripted = torch.jit.script(net)
+    generator = torch.Generator().manual_seed(2)
+    example = (torch.rand(2, 3, 40, 48, generator=generator),)
+    if architecture == "fusion":
+        example += (torch.rand(2, NUM_METADATA, generator=generator),)
+    if architecture == "chipnet":
+        example = (torch.rand(2, 3, 32, 48, generator=generator),)
+    with torch.no_grad():
+        expected, exported = net(*example), scripted(*example)
+    assert isinstance(expected, torch.Tensor) and expected.shape == (2, 2)
+    assert (exported - expected).abs().max().item() < 1e-5
+    if architecture == "fusion":  # the scripted network's errors still name what is wrong
+        with pytest.raises(Exception, match=r"metadata of shape \[2, 3\] for 2 images of 8 features"):
+            scripted(example[0], torch.zeros(2, 3))
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_zoo_commands_pass_on_a_tiny_model(name: str, tmp_path: Path) -> None:
     bundle = _zoo_bundle(name, tmp_path / name)

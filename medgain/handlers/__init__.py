@@ -2,6 +2,7 @@
 
 from medgain.handlers.attention_in_mask import AttentionInMask
 from medgain.handlers.attention_iou import AttentionIoU
+from medgain.handlers.attention_outside_fov import AttentionOutsideFOV
 from medgain.handlers.attention_overlay import AttentionOverlaySaver
 from medgain.handlers.auc import AUC
 from medgain.handlers.best_checkpoint import BestModelSaver
@@ -29,6 +30,7 @@ from medgain.handlers.resume import ResumeFromCheckpoint
 from medgain.handlers.roc_plot import ROCCurveSaver
 from medgain.handlers.sampler_epoch import SamplerEpoch
 from medgain.handlers.slide_evaluation import SlideEvaluation
+from medgain.handlers.study_report import StudyReportWriter
 from medgain.handlers.run_tags import RunTags
 from medgain.handlers.run_summary import RunSummary
 from medgain.handlers.tpr_at_fpr import TPRAtFPR
@@ -38,6 +40,7 @@ __all__ = [
     "AUC",
     "AttentionInMask",
     "AttentionIoU",
+    "AttentionOutsideFOV",
     "AttentionOverlaySaver",
     "BestModelSaver",
     "BufferedMLFlowHandler",
@@ -64,6 +67,7 @@ __all__ = [
     "ResumeFromCheckpoint",
     "SamplerEpoch",
     "SlideEvaluation",
+    "StudyReportWriter",
     "RunTags",
     "RunSummary",
     "TPRAtFPR",

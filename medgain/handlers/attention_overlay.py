@@ -13,6 +13,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
+from medgain.attention_fov import attention_outside_fov, attention_peak_outside_fov, fov_display_scale
 from medgain.data.phi import frame_ref
 from medgain.handlers.utils import (
     attach_per_round,
@@ -25,11 +26,13 @@ from medgain.handlers.utils import (
 from medgain.metrics.scores import binary_labels, positive_score, score_to_probability, stack_output
 from medgain.model_file import load_operating_point
 from medgain.outputs import write_atomic
-from medgain.visualize import cam_overlay, to_display_rgb
+from medgain.visualize import cam_overlay, decision_words, to_display_rgb
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
     from monai.handlers import MLFlowHandler
+
+    from medgain.attention_fov import FieldOfView
 
 __all__ = ["AttentionOverlaySaver"]
 
@@ -39,12 +42,18 @@ class AttentionOverlaySaver:
 
     The set is the first ``num_positives`` ill and ``num_negatives`` healthy samples in loader order (the
     evaluation loader is not shuffled, so the same samples are shown every round); only those samples are
-    copied to CPU memory. Each column shows a sample: on top the image, below it its raw Grad-CAM on ONE colour
-    scale shared by the whole gallery (0 to the gallery's largest value, with a colour bar), so a healthy frame
-    the model does not attend to stays dark instead of showing a bright "finding" of its own maximum; the
-    lesion-mask contour is drawn when the sample has a real mask. Under each column: the frame (its salted
-    pseudonym, :func:`medgain.data.phi.frame_ref`: no file name is burned into the image), its label, p(ill),
-    the threshold and the decision at that threshold.
+    copied to CPU memory. The gallery is a grid of at most four samples a row, legible in the MLflow artifact
+    viewer; each sample shows the image and, below it, its raw Grad-CAM on ONE colour scale shared by the whole
+    gallery (with a colour bar), so a healthy frame the model does not attend to stays dark instead of showing a
+    bright "finding" of its own maximum. The scale runs from 0 to the gallery's largest value inside the field of
+    view (``fov``; the whole frame without one): attention on the dark border never sets it, and is shown at the
+    top colour where it exceeds it, never erased; the title says how the scale was set. With ``fov`` its boundary
+    is drawn (dashed white) and each sample says which fraction of its attention lies outside, and whether its
+    peak does. The lesion-mask contour is drawn (solid white) when the sample has a real mask. Under each sample:
+    the frame (its salted pseudonym, :func:`medgain.data.phi.frame_ref`: no file name is burned into the image),
+    its label, p(ill) against the threshold and the decision (e.g. "p 0.97 < 0.9987 → healthy"). After each
+    gallery, ``display`` holds its scale (``{"scale", "how", "epoch"}``), which
+    :class:`~medgain.handlers.BestModelSaver` stores in the model file for inference heatmaps.
 
     The threshold (log-odds, shown as a probability) is the validation round's ``threshold_metric`` or the
     operating point of ``checkpoint``; "no operating point" is printed when there is none. The gallery is written
@@ -66,6 +75,7 @@ class AttentionOverlaySaver:
         per_round: one file per round (validation during training) or a single file (a test evaluation).
         threshold_metric: ``engine.state.metrics`` key of the round's log-odds threshold.
         checkpoint: model file whose operating point gives the threshold (instead of ``threshold_metric``).
+        fov: finds the frames' field of view; None treats the whole frame as the field of view.
     """
 
     def __init__(
@@ -81,6 +91,7 @@ class AttentionOverlaySaver:
         per_round: bool = True,
         threshold_metric: str | None = "val_tpr_at_fpr_0.001_threshold",
         checkpoint: str | None = None,
+        fov: FieldOfView | None = None,
     ) -> None:
         if num_positives < 0 or num_negatives < 0 or num_positives + num_negatives == 0:
             raise ValueError(
@@ -98,7 +109,9 @@ class AttentionOverlaySaver:
         self.per_round = per_round
         self.threshold_metric = threshold_metric
         self.checkpoint = checkpoint
+        self.fov = fov
         self.samples: list[dict[str, Any]] = []
+        self.display: dict[str, Any] | None = None  # the last gallery's scale: {"scale", "how", "epoch"}
 
     def attach(self, engine: Engine) -> None:
         """Select samples every iteration of ``engine`` and render them at the end of each round."""
@@ -141,6 +154,7 @@ class AttentionOverlaySaver:
                     "class": int(classes[i]),
                     "score": float(scores[i]),
                     "id": frame_ref(*ids[i]),
+                    "fov": None if self.fov is None else self.fov(image[i : i + 1].detach().cpu())[0, 0],
                 }
             )
             need_pos, need_neg = self._missing()
@@ -159,35 +173,53 @@ class AttentionOverlaySaver:
             return
         ordered = [s for s in self.samples if s["ill"]] + [s for s in self.samples if not s["ill"]]
         threshold = self._threshold(engine)
-        scale = max(float(s["cam"].max()) for s in ordered)
-        scale = scale if scale > 0 else 1.0
+        fovs = None if self.fov is None else [s["fov"] for s in ordered]
+        scale = fov_display_scale([s["cam"] for s in ordered], fovs)
         epoch = int(engine.state.epoch)
-        fig = Figure(figsize=(2.3 * len(ordered) + 1.0, 5.8), layout="constrained")
+        n_cols = min(4, len(ordered))
+        n_rows = math.ceil(len(ordered) / n_cols)
+        fig = Figure(figsize=(2.9 * n_cols + 1.2, 6.1 * n_rows + 0.9), layout="constrained")
         title = f"Grad-CAM, {self.split} split" + (f", epoch {epoch}" if self.per_round else "")
-        shown = f"p(ill) >= {float(score_to_probability(threshold)):.4g}" if threshold is not None else "none"
-        fig.suptitle(f"{title} — one colour scale for all frames (0 to {scale:.3g}); operating point: {shown}")
-        axes = fig.subplots(2, len(ordered), squeeze=False)
-        for column, sample in enumerate(ordered):
-            top, bottom = axes[0, column], axes[1, column]
+        shown = f"p(ill) ≥ {float(score_to_probability(threshold)):.4g}" if threshold is not None else "none"
+        where = "inside the field of view (dashed line)" if self.fov is not None else "anywhere in the frames"
+        fig.suptitle(
+            f"{title}; operating point: {shown}\nOne colour scale for all {len(ordered)} frames: 0 to {scale:.3g}, "
+            f"the largest attention {where};\nlarger values show at the top colour. Solid white: lesion mask.",
+            fontsize=10,
+        )
+        axes = fig.subplots(2 * n_rows, n_cols, squeeze=False)
+        for ax in axes.flat:
+            ax.set_axis_off()
+        for index, sample in enumerate(ordered):
+            row, column = divmod(index, n_cols)
+            top, bottom = axes[2 * row, column], axes[2 * row + 1, column]
             top.imshow(to_display_rgb(sample["image"]))
             status = "ill" if sample["ill"] else "healthy"
             top.set_title(f"{sample['id']}\nlabel {sample['class']} ({status})", fontsize=8)
             bottom.imshow(cam_overlay(sample["image"], (sample["cam"] / scale).clamp(0, 1), alpha=self.alpha))
             if sample["mask"] is not None:
                 bottom.contour(sample["mask"].numpy(), levels=[0.5], colors="white", linewidths=1.0)
-            p = float(score_to_probability(sample["score"]))
-            if threshold is None:
-                verdict = "no operating point"
-            else:
-                verdict = "decision: ILL" if sample["score"] >= threshold else "decision: healthy"
-            bottom.set_title(f"p(ill) = {p:.4f}\n{verdict}", fontsize=8, y=-0.32)
-            for ax in (top, bottom):
-                ax.set_axis_off()
+            lines = [decision_words(sample["score"], threshold)]
+            if sample["fov"] is not None:
+                cam, fov = sample["cam"][None, None], sample["fov"][None, None]
+                if not bool(fov.all()):
+                    bottom.contour(fov[0, 0].numpy().astype(float), levels=[0.5], colors="white", linewidths=0.8,
+                                   linestyles="--")
+                outside = float(attention_outside_fov(cam, fov)[0])
+                peak = ", PEAK outside" if bool(attention_peak_outside_fov(cam, fov)[0]) else ""
+                lines.append(f"{100.0 * outside:.0f} % outside the FOV{peak}")
+            colour = "#b00000" if lines[-1].endswith("PEAK outside") else "black"
+            bottom.set_axis_on()  # an x label (the layout makes room for it), no ticks or frame
+            bottom.set(xticks=[], yticks=[])
+            bottom.spines[:].set_visible(False)
+            bottom.set_xlabel("\n".join(lines), fontsize=8, color=colour)
         colours = ScalarMappable(norm=Normalize(0.0, scale), cmap=matplotlib.colormaps["jet"])
-        fig.colorbar(colours, ax=axes[1, :].tolist(), shrink=0.8, label="Grad-CAM (common scale)")
+        fig.colorbar(colours, ax=axes[1::2, :].ravel().tolist(), shrink=0.8, label="Grad-CAM (one scale for all)")
         folder = self.output_dir / "attention"
         folder.mkdir(parents=True, exist_ok=True)
         name = f"{self.split}_epoch_{epoch:03d}.png" if self.per_round else f"{self.split}.png"
         path = folder / name
         write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
         log_artifact(self.mlflow_handler, path, self.artifact_path)
+        how = f"the largest Grad-CAM {where} of the {self.split} gallery's {len(ordered)} frames, epoch {epoch}"
+        self.display = {"scale": scale, "how": how, "epoch": epoch}

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from ignite.engine import Engine
     from monai.handlers import MLFlowHandler
 
+    from medgain.handlers.attention_overlay import AttentionOverlaySaver
+
 __all__ = ["BestModelSaver"]
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,11 @@ class BestModelSaver:
     in words (:func:`~medgain.metrics.confidence.operating_point_words`). When the bound exceeds ``max_fpr`` the
     statement is logged as a warning: the validation split was too small to back the budget.
 
+    With ``attention_gallery`` (the validation :class:`~medgain.handlers.AttentionOverlaySaver`, listed BEFORE this
+    handler so that it renders first) the model file also stores ``attention_display``: ``{"scale", "how"}``, the
+    top of the colour scale of the saved round's gallery, which inference heatmaps use by default
+    (:func:`medgain.model_file.load_attention_display`), so that both show attention on one scale.
+
     It also writes ``<filename stem>_metrics.json`` (epoch, operating point and metrics; NaN as null) and, with an
     MLflow handler, logs both files under ``checkpoint/`` of the run (replaced by each better round). Registering
     the final best model is :class:`~medgain.handlers.model_registration.ModelRegistration`'s job.
@@ -69,6 +76,11 @@ class BestModelSaver:
         resume: start from the metrics of an existing checkpoint at ``save_dir/filename`` (a resumed run then
             only replaces it with a better model).
         unit: what the validation negatives are, in the statement, e.g. "normal frames".
+        attention_gallery: the validation gallery whose colour scale is stored with the model; None for none.
+
+    Raises:
+        RuntimeError: (when saving) ``attention_gallery`` rendered no gallery for the saved round, e.g. because
+            it is attached after this handler.
     """
 
     def __init__(
@@ -84,6 +96,7 @@ class BestModelSaver:
         mlflow_handler: MLFlowHandler | None = None,
         resume: bool = False,
         unit: str = "healthy validation samples",
+        attention_gallery: AttentionOverlaySaver | None = None,
     ) -> None:
         self.save_dir = Path(save_dir)
         self.network = network
@@ -95,6 +108,7 @@ class BestModelSaver:
         self.model_spec = None if model_spec is None else ModelSpec(**model_spec).as_dict()
         self.mlflow_handler = mlflow_handler
         self.unit = unit
+        self.attention_gallery = attention_gallery
         self.best_key: tuple[tuple[int, float], ...] | None = None
         self.best_epoch: int | None = None
         self.best_metrics: dict[str, float] = {}
@@ -179,16 +193,32 @@ class BestModelSaver:
         checkpoint: dict[str, Any] = {"model": weights, "operating_point": point, "epoch": epoch, "metrics": metrics}
         if self.model_spec is not None:
             checkpoint["model_spec"] = self.model_spec
+        display = self._attention_display(epoch)
+        if display is not None:
+            checkpoint["attention_display"] = display
         summary = {
             "epoch": epoch,
             "operating_point": {k: finite_or_none(v) if isinstance(v, float) else v for k, v in point.items()},
             "metrics": {k: finite_or_none(v) for k, v in metrics.items()},
+            **({} if display is None else {"attention_display": display}),
         }
         self.save_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(self.checkpoint_path, lambda f: torch.save(checkpoint, f))
         atomic_write(self.summary_path, lambda f: f.write(json.dumps(summary, indent=2, allow_nan=False).encode()))
         log_artifact(self.mlflow_handler, self.checkpoint_path, "checkpoint")
         log_artifact(self.mlflow_handler, self.summary_path, "checkpoint")
+
+    def _attention_display(self, epoch: int) -> dict[str, Any] | None:
+        """The colour scale of this round's attention gallery, or None without a gallery."""
+        if self.attention_gallery is None:
+            return None
+        shown = self.attention_gallery.display
+        if shown is None or shown["epoch"] != epoch:
+            raise RuntimeError(
+                f"BestModelSaver: the attention gallery rendered nothing for validation round {epoch}; list the "
+                "AttentionOverlaySaver before BestModelSaver among the evaluator's handlers"
+            )
+        return {"scale": float(shown["scale"]), "how": str(shown["how"])}
 
     @property
     def summary_path(self) -> Path:

@@ -34,6 +34,8 @@ class BufferedMLFlowHandler(MLFlowHandler):
     Args:
         buffer_dir: folder of the run journals, beside the checkpoints (e.g. ``<ckpt_dir>/tracking``).
         offline_timeout: seconds to keep trying an unreachable server when the run closes.
+        engine_params: log the engine's ``max_epochs`` and ``epoch_length`` as params (as MONAI does); False for
+            evaluation runs, where these training-only numbers mean nothing.
         kwargs: ``MLFlowHandler`` arguments (``tracking_uri``, ``experiment_name``, ``run_name``,
             ``experiment_param``, ``output_transform``, ``iteration_log``, ``epoch_log``, ``close_on_complete``,
             ``artifacts``…); ``dataset_dict`` is not supported (MLflow dataset inputs need the server).
@@ -42,7 +44,9 @@ class BufferedMLFlowHandler(MLFlowHandler):
         ValueError: when ``dataset_dict`` is given.
     """
 
-    def __init__(self, buffer_dir: str | os.PathLike, offline_timeout: float = 10.0, **kwargs: Any) -> None:
+    def __init__(
+        self, buffer_dir: str | os.PathLike, offline_timeout: float = 10.0, engine_params: bool = True, **kwargs: Any
+    ) -> None:
         if kwargs.get("dataset_dict") is not None:
             raise ValueError("BufferedMLFlowHandler: dataset_dict is not supported (it needs the tracking server)")
         super().__init__(**kwargs)
@@ -51,6 +55,7 @@ class BufferedMLFlowHandler(MLFlowHandler):
         self.offline_timeout = float(offline_timeout)
         self.client = BufferedClient(tracking_uri)  # type: ignore[assignment]
         self._resume: dict[str, Any] | None = None
+        self.engine_params = engine_params
 
     def state_dict(self) -> dict[str, str]:
         """The run this handler tracks (journal id and, once the server has it, MLflow run id), for checkpoints."""
@@ -81,7 +86,8 @@ class BufferedMLFlowHandler(MLFlowHandler):
             self.cur_run = run
         logged = self.client.run.params if self.client.run is not None else {}
         # as MONAI: the engine's max_epochs / epoch_length are logged by the first engine of the run only
-        params = {a: getattr(engine.state, a, None) for a in self.default_tracking_params if a not in logged}
+        engine_params = self.default_tracking_params if self.engine_params else []
+        params = {a: getattr(engine.state, a, None) for a in engine_params if a not in logged}
         self._log_params({**(self.experiment_param or {}), **params})
 
     def close(self) -> None:

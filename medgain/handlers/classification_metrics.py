@@ -9,6 +9,7 @@ from ignite.metrics import Accuracy, Metric
 
 from medgain.handlers.attention_in_mask import AttentionInMask
 from medgain.handlers.attention_iou import AttentionIoU
+from medgain.handlers.attention_outside_fov import AttentionOutsideFOV
 from medgain.handlers.auc import AUC
 from medgain.handlers.operating_point import OperatingPointMetrics
 from medgain.handlers.tpr_at_fpr import TPRAtFPR
@@ -16,6 +17,8 @@ from medgain.metrics.scores import decisions_and_labels
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
+
+    from medgain.attention_fov import FieldOfView
 
 __all__ = ["ClassificationMetrics"]
 
@@ -45,9 +48,11 @@ class ClassificationMetrics:
     Args:
         prefix: name prefix, e.g. "val" or "test".
         checkpoint: model file whose operating point the headline figures use; None on validation rounds.
+        fov: with it, also ``<prefix>_attention_outside_fov``, the mean fraction of the Grad-CAM mass outside the
+            frames' field of view (:class:`~medgain.handlers.attention_outside_fov.AttentionOutsideFOV`).
     """
 
-    def __init__(self, prefix: str = "val", checkpoint: str | None = None) -> None:
+    def __init__(self, prefix: str = "val", checkpoint: str | None = None, fov: FieldOfView | None = None) -> None:
         self.prefix = prefix
         self.checkpoint = checkpoint
         tpr_name = f"{prefix}_retuned_tpr_at_fpr" if checkpoint is not None else f"{prefix}_tpr_at_fpr"
@@ -58,6 +63,8 @@ class ClassificationMetrics:
             f"{prefix}_iou": AttentionIoU(),
             f"{prefix}_attention_in_mask": AttentionInMask(),
         }
+        if fov is not None:
+            self.metrics[f"{prefix}_attention_outside_fov"] = AttentionOutsideFOV(fov)
         if checkpoint is None:
             self.metrics[f"{prefix}_accuracy"] = Accuracy(output_transform=decisions_and_labels)
         else:

@@ -86,7 +86,9 @@ class GAINHandler:
     attended region, runs the second forward on the erased images and adds
     ``am_weight * L_am + ex_weight * L_ex + area_weight * L_area`` to ``engine.state.output[Keys.LOSS]`` before
     the trainer's backward (also on the AMP path: MONAI re-reads the loss after the event). The terms are
-    stored detached in ``engine.state.output`` as ``loss_cl``, ``loss_am``, ``loss_ex`` and ``loss_area``.
+    stored detached in ``engine.state.output`` as ``loss_cl`` and, for each term switched on (weight > 0; 0 before
+    its start epoch), ``loss_am``, ``loss_ex`` and ``loss_area``: a term switched off is not logged as a constant
+    0.
 
     Labels: class indices (B,) or (B, 1) for single-label models (class 0 = healthy / negative); multi-hot
     (B, K) with ``multilabel_mode``. Masks come from the batch (``mask_key``, (B, 1, H, W) or (B, K, H, W) per
@@ -231,7 +233,8 @@ class GAINHandler:
             + self.area_weight * terms["loss_area"]
         )
         output["loss_cl"] = loss_cl.detach()
-        output.update({k: v.detach() for k, v in terms.items()})
+        weights = {"loss_am": self.am_weight, "loss_ex": self.ex_weight, "loss_area": self.area_weight}
+        output.update({k: v.detach() for k, v in terms.items() if weights[k] > 0})
 
     def _batch_masks(self, engine: Engine, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(masks, has_mask) from the current batch on the images' device, or None when the batch has no masks."""

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from medgain.handlers.utils import attach_per_round, log_artifact
 from medgain.metrics.roc import operating_point, roc_curve
 from medgain.metrics.scores import binary_labels, positive_score, score_to_probability, stack_output
+from medgain.outputs import write_atomic
 
 if TYPE_CHECKING:
     from ignite.engine import Engine
@@ -32,7 +33,9 @@ class ROCCurveSaver:
 
     - the plot: the curve on a linear axis and on a symmetric-log FPR axis (linear below one negative's share, so
       FPR = 0 is drawn at 0, honestly), titled with the split, with the operating point of each ``max_fprs``
-      marked with its own marker and colour;
+      marked with its own hollow marker, colour and size (points that coincide, e.g. at FPR = 0, stay visible as
+      nested rings, drawn over the axis edge); the legend sits under the plots, never over the curve. With
+      ``checkpoint`` the stored operating point is starred, or the title says the model has none;
     - the table: the exact curve, columns ``fpr, tpr, threshold`` (log-odds) and ``probability`` (its sigmoid).
 
     A round with a single class has no ROC curve: a warning is issued and ``<stem>.txt`` explains why. Files are
@@ -110,24 +113,28 @@ class ROCCurveSaver:
             writer.writerow(["fpr", "tpr", "threshold", "probability"])
             probabilities = score_to_probability(thresholds.copy()).numpy()
             writer.writerows(zip(fpr.tolist(), tpr.tolist(), thresholds.tolist(), probabilities.tolist()))
-        self._plot(fpr, tpr, thresholds, epoch, n_pos, n_neg).savefig(stem.with_suffix(".png"), dpi=100)
+        fig = self._plot(fpr, tpr, thresholds, epoch, n_pos, n_neg)
+        write_atomic(stem.with_suffix(".png"), lambda f: fig.savefig(f, format="png", dpi=100))
         log_artifact(self.mlflow_handler, stem.with_suffix(".png"), self.artifact_path)
         log_artifact(self.mlflow_handler, stem.with_suffix(".csv"), self.artifact_path)
 
-    def _mark_shipped(self, fpr: np.ndarray, tpr: np.ndarray, thresholds: np.ndarray, axes: tuple) -> None:
-        """Mark where the model's stored threshold lands on this curve (the figures that ship)."""
+    def _mark_shipped(self, fpr: np.ndarray, tpr: np.ndarray, thresholds: np.ndarray, axes: tuple) -> bool:
+        """Mark where the model's stored threshold lands on this curve (the figures that ship); False when the
+        model has no stored operating point."""
         from medgain.model_file import load_operating_point
 
         threshold = load_operating_point(self.checkpoint).get("threshold")
-        if threshold is None:
-            return
+        if threshold is None or not np.isfinite(float(threshold)):
+            return False
         k = int(np.count_nonzero(thresholds >= threshold)) - 1  # thresholds decrease along the curve
         label = (
             f"stored operating point (p >= {float(score_to_probability(threshold)):.4g}): "
             f"TPR {tpr[k]:.3f}, FPR {fpr[k]:.4f}"
         )
         for ax in axes:
-            ax.plot([fpr[k]], [tpr[k]], "*", color="crimson", markersize=14, label=label, linestyle="none")
+            ax.plot([fpr[k]], [tpr[k]], "*", color="crimson", markersize=14, label=label, linestyle="none",
+                    clip_on=False, zorder=5)
+        return True
 
     def _when(self, epoch: int) -> str:
         return f", epoch {epoch}" if self.per_round else ""
@@ -137,13 +144,13 @@ class ROCCurveSaver:
     ) -> Figure:
         auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
         step = 1.0 / n_neg  # the FPR of one false alarm: linear below it, logarithmic above
-        fig = Figure(figsize=(10, 4.5), layout="constrained")
-        fig.suptitle(f"ROC, {self.split} split{self._when(epoch)}: AUC {auc:.4f} ({n_pos} ill, {n_neg} healthy)")
+        fig = Figure(figsize=(10, 5.6), layout="constrained")
+        title = f"ROC, {self.split} split{self._when(epoch)}: AUC {auc:.4f} ({n_pos} ill, {n_neg} healthy)"
         linear, log = fig.subplots(1, 2)
         linear.plot([0, 1], [0, 1], color="0.7", linestyle=":", linewidth=1)
         linear.plot(fpr, tpr, color="C0", linewidth=1.5, drawstyle="steps-post")
         log.plot(fpr, tpr, color="C0", linewidth=1.5, drawstyle="steps-post")
-        for i, (max_fpr, marker) in enumerate(zip(self.max_fprs, "osD^v")):
+        for i, (max_fpr, marker, size) in enumerate(zip(self.max_fprs, "osD^v", (13, 8, 6, 5, 4))):
             p_fpr, p_tpr, p_thr = operating_point(fpr, tpr, thresholds, max_fpr)
             shown = f"p >= {float(score_to_probability(p_thr)):.6g}" if np.isfinite(p_thr) else "no finite threshold"
             label = f"FPR <= {max_fpr:g}: TPR {p_tpr:.3f} ({shown})"
@@ -151,9 +158,11 @@ class ROCCurveSaver:
                 label += f"; < 1 false alarm in {n_neg}"
             for ax in (linear, log):
                 ax.axvline(max_fpr, color=f"C{i + 1}", linestyle="--", linewidth=1)
-                ax.plot([p_fpr], [p_tpr], marker, color=f"C{i + 1}", markersize=8, label=label, linestyle="none")
-        if self.checkpoint is not None:
-            self._mark_shipped(fpr, tpr, thresholds, (linear, log))
+                ax.plot([p_fpr], [p_tpr], marker, color=f"C{i + 1}", markersize=size, label=label, linestyle="none",
+                        markerfacecolor="none", markeredgewidth=2, clip_on=False, zorder=4)
+        if self.checkpoint is not None and not self._mark_shipped(fpr, tpr, thresholds, (linear, log)):
+            title += "\nthe model has no stored operating point: it takes no decisions (no point is starred)"
+        fig.suptitle(title)
         linear.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false-positive rate", ylabel="true-positive rate")
         log.set_xscale("symlog", linthresh=step, linscale=0.5)
         log.set(
@@ -164,5 +173,5 @@ class ROCCurveSaver:
         )
         for ax in (linear, log):
             ax.grid(True, which="both", alpha=0.3)
-        log.legend(loc="lower right", fontsize="small")
+        fig.legend(*log.get_legend_handles_labels(), loc="outside lower center", fontsize="small", ncols=1)
         return fig

@@ -127,6 +127,7 @@ class SlideEvaluation:
             self.output_dir,
             self.inferer,
             thumbnail_downsample=self.thumbnail_downsample,
+            annotations=[s.get("annotation") or None for s in self.slides],  # outlined on the overlays
         )
         records = collect_slide_scores(self.output_dir)
         result = evaluate_inference(

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from skimage.segmentation import find_boundaries
 
+from medgain.attention_fov import attention_outside_fov, attention_peak_outside_fov, fov_display_scale
 from medgain.data.phi import frame_ref
 from medgain.handlers.utils import attach_once, batch_has, require_keys, sample_ids
 from medgain.metrics import attention_in_mask, attention_iou, binary_labels, positive_score, stack_output
@@ -25,10 +26,14 @@ from medgain.visualize import cam_overlay, to_display_rgb
 if TYPE_CHECKING:
     from ignite.engine import Engine
 
+    from medgain.attention_fov import FieldOfView
+
 __all__ = ["FrameRecordWriter", "GALLERY_KINDS", "RECORD_COLUMNS"]
 
 #: columns of ``records.csv`` (``file`` stays local: the report names frames by ``ref``)
-RECORD_COLUMNS = ("ref", "file", "frame", "label", "score", "iou", "attention_in_mask")
+RECORD_COLUMNS = (
+    "ref", "file", "frame", "label", "score", "iou", "attention_in_mask", "attention_outside_fov", "peak_outside_fov"
+)
 #: gallery categories: (name, label, above threshold, order: +1 highest scores first, -1 lowest first)
 GALLERY_KINDS = (("true_positive", 1, True, 1), ("false_negative", 1, False, -1), ("false_positive", 0, True, 1))
 
@@ -38,11 +43,15 @@ class FrameRecordWriter:
     record per frame, and the gallery frames, written at ``Events.COMPLETED``.
 
     Writes under ``output_dir``: ``records.csv`` (:data:`RECORD_COLUMNS`; ``iou`` / ``attention_in_mask`` empty
-    for frames without a real lesion mask), ``gallery.json`` (per category the frames shown: ref, score,
-    probability, IoU) and ``gallery/<ref>.png`` (the frame and its Grad-CAM overlay with the lesion contour, side
-    by side, without any text burned in). The gallery keeps, at the operating point of ``checkpoint``, the
-    ``gallery_size`` most confident true positives, the ``gallery_size`` most confidently missed positives and
-    the ``gallery_size`` most confident false positives; only those frames are kept in memory.
+    for frames without a real lesion mask; ``attention_outside_fov`` (fraction of the Grad-CAM mass outside the
+    field of view) and ``peak_outside_fov`` (1 when the map's maximum lies outside it) empty without ``fov``),
+    ``gallery.json`` (per category the frames shown: ref, score, probability, IoU; the common colour ``scale`` and
+    how it was set) and ``gallery/<ref>.png`` (the frame and its Grad-CAM overlay with the lesion contour in white
+    and the field of view's boundary in grey, side by side, without any text burned in). Every overlay uses ONE
+    colour scale: 0 to the largest Grad-CAM value of the gallery's frames inside their field of view. The gallery
+    keeps, at the operating point of ``checkpoint``, the ``gallery_size`` most confident true positives, the
+    ``gallery_size`` most confidently missed positives and the ``gallery_size`` most confident false positives;
+    only those frames are kept in memory.
 
     Args:
         output_dir: folder of the outputs; created when missing.
@@ -51,6 +60,7 @@ class FrameRecordWriter:
         gallery_size: frames per gallery category.
         cam_key: output key of the raw Grad-CAM maps (B, 1, H, W).
         display_size: side of the rendered gallery panels in pixels.
+        fov: finds the frames' field of view; None: the whole frame, no field-of-view columns.
     """
 
     def __init__(
@@ -60,6 +70,7 @@ class FrameRecordWriter:
         gallery_size: int = 8,
         cam_key: str = "cam",
         display_size: int = 160,
+        fov: FieldOfView | None = None,
     ) -> None:
         if gallery_size < 0:
             raise ValueError(f"FrameRecordWriter: gallery_size must be >= 0, got {gallery_size}")
@@ -68,6 +79,7 @@ class FrameRecordWriter:
         self.gallery_size = gallery_size
         self.cam_key = cam_key
         self.display_size = display_size
+        self.fov = fov
         self.rows: list[dict[str, Any]] = []
         self.heaps: dict[str, list[tuple[float, int, dict[str, Any]]]] = {}
         self.threshold = 0.0
@@ -111,6 +123,9 @@ class FrameRecordWriter:
         cam = cam.detach().float()
         iou = attention_iou(cam, mask).cpu().tolist()
         inside = attention_in_mask(cam.clamp_min(0), mask).cpu().tolist()
+        fov = None if self.fov is None else self.fov(image.detach().cpu()).to(cam.device)
+        outside = [None] * len(ids) if fov is None else attention_outside_fov(cam, fov).cpu().tolist()
+        peak = [None] * len(ids) if fov is None else attention_peak_outside_fov(cam, fov).cpu().int().tolist()
         for i, ((path, frame), is_ill, score) in enumerate(zip(ids, ill, scores)):
             has = bool(real[i]) and bool(is_ill)
             row = {
@@ -121,11 +136,21 @@ class FrameRecordWriter:
                 "score": float(score),
                 "iou": iou[i] if has else None,
                 "attention_in_mask": inside[i] if has else None,
+                "attention_outside_fov": outside[i],
+                "peak_outside_fov": peak[i],
             }
             self.rows.append(row)
-            self._offer(row, image[i], cam[i, 0], mask[i].reshape(cam.shape[-2:]) if has else None)
+            frame_fov = None if fov is None else fov[i, 0]
+            self._offer(row, image[i], cam[i, 0], mask[i].reshape(cam.shape[-2:]) if has else None, frame_fov)
 
-    def _offer(self, row: dict[str, Any], image: torch.Tensor, cam: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def _offer(
+        self,
+        row: dict[str, Any],
+        image: torch.Tensor,
+        cam: torch.Tensor,
+        mask: torch.Tensor | None,
+        fov: torch.Tensor | None,
+    ) -> None:
         above = row["score"] >= self.threshold
         for name, label, want_above, order in GALLERY_KINDS:
             if row["label"] != label or above != want_above or self.gallery_size == 0:
@@ -136,14 +161,15 @@ class FrameRecordWriter:
                 return
             kept = {"row": row, "image": image.detach().cpu().clone(), "cam": cam.detach().cpu().clone()}
             kept["mask"] = None if mask is None else mask.detach().cpu().clone()
+            kept["fov"] = None if fov is None else fov.detach().cpu().clone()
             entry = (*key, kept)
             (heapq.heapreplace if len(heap) >= self.gallery_size else heapq.heappush)(heap, entry)
 
-    def _panel(self, kept: dict[str, Any]) -> np.ndarray:
-        cam = kept["cam"]
-        scale = float(cam.max())
-        overlay = cam_overlay(kept["image"], (cam / scale).clamp(0, 1) if scale > 0 else cam.clamp(0, 1))
+    def _panel(self, kept: dict[str, Any], scale: float) -> np.ndarray:
+        overlay = cam_overlay(kept["image"], (kept["cam"] / scale).clamp(0, 1))
         overlay = np.asarray(overlay, dtype=np.float64) / 255.0  # cam_overlay: uint8
+        if kept["fov"] is not None and not bool(kept["fov"].all()):
+            overlay[find_boundaries(kept["fov"].numpy(), mode="inner")] = 0.6
         if kept["mask"] is not None:
             edge = find_boundaries(kept["mask"].numpy() > 0.5, mode="inner")
             overlay[edge] = 1.0
@@ -164,11 +190,20 @@ class FrameRecordWriter:
         folder = self.output_dir / "gallery"
         folder.mkdir(exist_ok=True)
         gallery: dict[str, Any] = {"threshold": self.threshold, "note": self.threshold_note}
+        kept_all = [kept for heap in self.heaps.values() for *_, kept in heap]
+        fovs = None if self.fov is None else [kept["fov"] for kept in kept_all]
+        scale = fov_display_scale([kept["cam"] for kept in kept_all], fovs) if kept_all else 1.0
+        where = "inside the field of view" if self.fov is not None else "anywhere in the frames"
+        gallery["scale"] = scale
+        gallery["scale_note"] = (
+            f"one colour scale for all {len(kept_all)} gallery frames: 0 to {scale:.3g}, the largest Grad-CAM value "
+            f"{where}; larger values show at the top colour"
+        )
         for name, *_ in GALLERY_KINDS:
             shown = []
             for *_, kept in sorted(self.heaps[name], key=lambda e: e[:2], reverse=True):
                 row = kept["row"]
-                Image.fromarray(self._panel(kept)).save(folder / f"{row['ref']}.png")
+                Image.fromarray(self._panel(kept, scale)).save(folder / f"{row['ref']}.png")
                 probability = float(score_to_probability(row["score"]))
                 shown.append({"ref": row["ref"], "score": row["score"], "probability": probability, "iou": row["iou"]})
             gallery[name] = shown

@@ -7,16 +7,20 @@ import base64
 import html
 import io
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from medgain.metrics import roc_curve
 
-__all__ = ["render_report"]
+__all__ = ["metric_words", "render_report"]
 
 _STYLE = """
 body{font-family:sans-serif;margin:24px;color:#222;max-width:1400px}
@@ -25,11 +29,53 @@ table{border-collapse:collapse;margin:8px 0;font-size:13px}td,th{border:1px soli
 th{background:#eee}td.l,th.l{text-align:left}.bad{color:#b00;font-weight:bold}.good{color:#070}
 .gallery{display:flex;flex-wrap:wrap;gap:10px}.card{border:1px solid #ccc;padding:4px;font-size:12px}
 .note{color:#666;font-size:12px}img.plot{max-width:640px;margin-right:12px}
+.warn{background:#fff3cd;border:1px solid #e0b800;padding:6px 10px;font-size:13px}
+abbr{text-decoration:none;border-bottom:1px dotted #888;cursor:help}
 """
+
+_WORDS = {
+    "auc": "area under the ROC curve (AUC)",
+    "iou": "overlap of attention and lesion (IoU)",
+    "attention_in_mask": "share of attention on the lesion",
+    "attention_outside_fov": "share of attention outside the field of view",
+    "sensitivity": "sensitivity at the stored operating point",
+    "specificity": "specificity at the stored operating point",
+    "fpr_above_bound": "false-alarm rate above the operating point's stored bound",
+    "operating_point_fpr_upper": "stored upper bound on the false-alarm rate",
+    "comparison": "comparison",
+}
+_BUDGET = re.compile(r"(retuned_)?tpr_at_fpr_([0-9.e-]+)")
 
 
 def _esc(value: Any) -> str:
     return html.escape(str(value))
+
+
+def metric_words(key: str, split: str | None = None) -> str:
+    """A metric key in words, e.g. ``test_tpr_at_fpr_0.0005`` → "sensitivity at 0.05 % false alarms".
+
+    Args:
+        key: the metric's key, with or without the ``<split>_`` prefix.
+        split: the prefix to strip.
+
+    Returns:
+        the words; an unknown key with its underscores as spaces.
+    """
+    name = key[len(split) + 1 :] if split and key.startswith(f"{split}_") else key
+    match = _BUDGET.fullmatch(name)
+    if match:
+        words = f"sensitivity at {100.0 * float(match.group(2)):g} % false alarms"
+        return words + (" (threshold re-tuned on this split)" if match.group(1) else "")
+    return _WORDS.get(name, name.replace("_", " "))
+
+
+def _named(key: str, split: str | None = None) -> str:
+    """The metric in words, its key in a tooltip."""
+    return f"<abbr title='{_esc(key)}'>{_esc(metric_words(key, split))}</abbr>"
+
+
+def _plural(unit: str) -> str:
+    return unit[:-1] + "ies" if unit.endswith("y") and unit[-2:-1] not in "aeiou" else unit + "s"
 
 
 def _num(value: Any, digits: int = 4) -> str:
@@ -100,16 +146,31 @@ def _confusion_plot(counts: Mapping[str, int]) -> str:
 
 
 def _metrics_section(figures: Mapping[str, Mapping[str, float]], split: str) -> str:
-    rows = [[_esc(f"{split}_{name}"), _num(f["value"]), f"[{_num(f['low'])}, {_num(f['high'])}]"]
+    rows = [[_named(f"{split}_{name}", split), _num(f["value"]), f"[{_num(f['low'])}, {_num(f['high'])}]"]
             for name, f in figures.items()]
     return _table(["metric", "value", "95 % CI"], rows)
 
 
+def _colour_bar(scale: float) -> str:
+    fig = Figure(figsize=(5.0, 0.95))
+    ax = fig.subplots(gridspec_kw={"left": 0.04, "right": 0.96, "bottom": 0.6, "top": 0.92})
+    fig.colorbar(ScalarMappable(norm=Normalize(0.0, scale), cmap=matplotlib.colormaps["jet"]), cax=ax,
+                 orientation="horizontal", label="Grad-CAM, one scale for all gallery frames")
+    return _png(fig)
+
+
+#: gallery categories: title, key of their count in the confusion table, which frames are shown
+_KINDS = {
+    "true_positive": ("True positives (lesions found)", "tp", "most confident"),
+    "false_negative": ("False negatives (missed lesions)", "fn", "lowest-scored"),
+    "false_positive": ("False positives (false alarms)", "fp", "most confident"),
+}
+
+
 def _gallery(gallery: Mapping[str, Any], folder: Path) -> str:
     parts = []
-    titles = {"true_positive": "Most confident true positives", "false_negative": "False negatives (missed lesions)",
-              "false_positive": "Most confident false positives"}
-    for kind, title in titles.items():
+    counts = gallery.get("counts") or {}
+    for kind, (title, key, which) in _KINDS.items():
         cards = []
         for frame in gallery.get(kind, []):
             iou = "" if frame["iou"] is None else f" · IoU {frame['iou']:.3f}"
@@ -118,9 +179,36 @@ def _gallery(gallery: Mapping[str, Any], folder: Path) -> str:
                 f"<br>{_esc(frame['ref'])}<br>p(ill) {frame['probability']:.4f}{iou}</div>"
             )
         body = "".join(cards) or "<p class='note'>none</p>"
-        parts.append(f"<h3>{_esc(title)} ({len(cards)})</h3><div class='gallery'>{body}</div>")
+        total = counts.get(key, len(cards))
+        shown = f"; the {len(cards)} {which} shown" if len(cards) < total else ""
+        parts.append(f"<h3>{_esc(title)}: {total}{shown}</h3><div class='gallery'>{body}</div>")
     note = f"<p class='note'>{_esc(gallery['note'])}</p>" if gallery.get("note") else ""
+    if gallery.get("scale") is not None:
+        note += (f"<p class='note'>Left: the frame; right: its Grad-CAM, {_esc(gallery['scale_note'])}. White line: "
+                 "the lesion mask; grey line: the field of view.</p>"
+                 f"<img class='plot' alt='colour bar' src='{_colour_bar(float(gallery['scale']))}'>")
     return note + "".join(parts)
+
+
+def _fov_section(fov: Mapping[str, Any] | None, split: str) -> str:
+    if fov is None:
+        return "<p class='note'>This model's bundle defines no field of view: not measured.</p>"
+    out = []
+    mean = 100.0 * fov["mean_outside"]
+    if fov["high"]:
+        out.append(f"<p class='warn'>On average {mean:.0f} % of the attention on the {_esc(split)} split lies outside "
+                   f"the field of view (above {100.0 * fov['warning_level']:.0f} %): the model looks at the dark "
+                   "border, where there is no tissue. Treat its attention maps as artefacts, not findings.</p>")
+    else:
+        out.append(f"<p>On average {mean:.1f} % of the attention lies outside the field of view.</p>")
+    n, rows = fov["n_peak_outside"], fov["peak_outside"]
+    out.append(f"<h3>Frames whose attention peak lies outside the field of view: {n} of {fov['n_frames']}"
+               f"{'; the ' + str(len(rows)) + ' with the most attention outside shown' if len(rows) < n else ''}</h3>")
+    if rows:
+        out.append(_table(["frame", "label", "p(ill)", "attention outside"],
+                          [[_esc(r["ref"]), "ill" if r["label"] else "healthy", _num(r["probability"]),
+                            f"{100.0 * r['outside']:.0f} %"] for r in rows]))
+    return "".join(out)
 
 
 def render_report(review: Mapping[str, Any], work: Path) -> str:
@@ -149,7 +237,7 @@ def render_report(review: Mapping[str, Any], work: Path) -> str:
     out.append(f"<p class='note'>Resampled by {_esc(review['resampled_by'])}; {review['n_bootstrap']} resamples. "
                f"{review['counts']['frames']} frames, {review['counts']['positives']} ill.</p>")
     for name, note in review.get("notes", {}).items():
-        out.append(f"<p class='note'>{_esc(name)}: {_esc(note)}</p>")
+        out.append(f"<p class='note'>{_named(name, split)}: {_esc(note)}</p>")
     out.append("<h2>Operating points</h2>")
     stored = review.get("stored_operating_point")
     if stored:
@@ -172,13 +260,15 @@ def render_report(review: Mapping[str, Any], work: Path) -> str:
     out.append(f"</div><p class='note'>Expected calibration error {review['calibration']['ece']:.4f}.</p>")
     out.append("<h2>Attention gallery</h2>")
     out.append(_gallery(review["gallery"], work / "candidate" / "gallery"))
+    out.append("<h2>Attention outside the field of view</h2>")
+    out.append(_fov_section(review.get("attention_fov"), split))
     out.append("<h2>Subgroups</h2>")
     sub = review["subgroups"]
     if sub["level"] is not None:
         f = sub["level"]["figures"]
         unit = review.get("unit", "study")
-        out.append(f"<h3>{unit.capitalize()} level ({f['n']} {unit}s, {f['positives']} with lesions; a {unit} scores "
-                   "its highest frame)</h3>")
+        out.append(f"<h3>{unit.capitalize()} level ({f['n']} {_plural(unit)}, {f['positives']} with lesions; a {unit} "
+                   "scores its highest frame)</h3>")
         out.append(_table(["AUC", "sensitivity", "specificity"],
                           [[_num(f["auc"]), _num(f.get("sensitivity")), _num(f.get("specificity"))]], left=0))
         rows = [[_esc(u["unit"]), u["frames"], u["positives"], u["detected"], u["false_alarms"]]
@@ -197,15 +287,20 @@ def render_report(review: Mapping[str, Any], work: Path) -> str:
         for name, f in comparison["figures"].items():
             worse = f["high"] < 0
             cls = "bad" if worse else ("good" if f["low"] > 0 else "")
-            rows.append([_esc(f"{split}_{name}"), _num(f["candidate"]), _num(f["champion"]),
+            rows.append([_named(f"{split}_{name}", split), _num(f["candidate"]), _num(f["champion"]),
                          f"<span class='{cls}'>{_num(f['value'])}</span>", f"[{_num(f['low'])}, {_num(f['high'])}]"])
         out.append(_table(["metric", "candidate", "champion", "difference", "95 % CI"], rows))
-        rows = [[_esc(d["ref"]), d["label"], _num(d["candidate_probability"]), d["candidate_decision"],
-                 _num(d["champion_probability"]), d["champion_decision"]] for d in comparison["disagreements"]]
-        out.append(f"<h3>Frames where the two disagree ({comparison['n_disagreements']}"
-                   f"{', first ' + str(len(rows)) + ' shown' if len(rows) < comparison['n_disagreements'] else ''})"
-                   "</h3>")
-        out.append(_table(["frame", "label", "candidate p(ill)", "candidate ill", "champion p(ill)", "champion ill"],
-                          rows))
+        if not comparison.get("decisions", True):
+            out.append(f"<p class='warn'>{_esc(comparison['note'])}</p>")
+        else:
+            yes = {0: "healthy", 1: "ILL"}
+            rows = [[_esc(d["ref"]), yes[d["label"]], _num(d["candidate_probability"]), yes[d["candidate_decision"]],
+                     _num(d["champion_probability"]), yes[d["champion_decision"]]] for d in comparison["disagreements"]]
+            n_dis = comparison["n_disagreements"]
+            out.append(f"<h3>Frames where the two decide differently: {n_dis}"
+                       f"{'; the first ' + str(len(rows)) + ' shown' if len(rows) < n_dis else ''}</h3>")
+            if rows:
+                out.append(_table(["frame", "truth", "candidate p(ill)", "candidate decision", "champion p(ill)",
+                                   "champion decision"], rows))
     out.append("</body></html>")
     return "\n".join(out)

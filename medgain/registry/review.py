@@ -44,7 +44,10 @@ from medgain.registry.records import FrameRecordWriter
 from medgain.registry.report import render_report
 
 __all__ = [
+    "FOV_WARNING",
     "REVIEW_ARTIFACTS",
+    "attention_fov_summary",
+    "compare_versions",
     "bundle_folder",
     "evaluate_checkpoint",
     "fetch_checkpoint",
@@ -57,6 +60,8 @@ __all__ = [
 
 #: artifact folder of a version's review on its run (``review/v<version>/report.html``, ``review.json``)
 REVIEW_ARTIFACTS = "review/v{version}"
+#: mean fraction of the attention mass outside the field of view above which the report warns
+FOV_WARNING = 0.2
 _REPO_BUNDLES = Path(__file__).resolve().parents[2] / "bundles"
 
 
@@ -128,7 +133,8 @@ def evaluate_checkpoint(
     overrides: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the bundle's evaluate config on ``checkpoint`` (in this process, tracked on ``tracking_uri``) with a
-    :class:`~medgain.registry.records.FrameRecordWriter` on its evaluator; returns the per-frame records.
+    :class:`~medgain.registry.records.FrameRecordWriter` on its evaluator (with the config's ``attention_fov``,
+    the field of view, when it defines one); returns the per-frame records.
 
     Args:
         layout: the data, given to the workflow as its layout's config values.
@@ -148,14 +154,17 @@ def evaluate_checkpoint(
         **{**layout.workflow_args(), **dict(overrides or {})},
     )
     layout.configure(workflow.parser)
-    FrameRecordWriter(str(out_dir), str(checkpoint), gallery_size).attach(workflow.parser.get_parsed_content(evaluator_id))
+    fov = workflow.parser.get_parsed_content("attention_fov") if workflow.parser.get("attention_fov") else None
+    writer = FrameRecordWriter(str(out_dir), str(checkpoint), gallery_size, fov=fov)
+    writer.attach(workflow.parser.get_parsed_content(evaluator_id))
     workflow.run()
     workflow.finalize()
     with open(out_dir / "records.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
-        for key in ("iou", "attention_in_mask"):
+        for key in ("iou", "attention_in_mask", "attention_outside_fov"):
             row[key] = float(row[key]) if row[key] else None
+        row["peak_outside_fov"] = bool(int(row["peak_outside_fov"])) if row["peak_outside_fov"] else None
     return rows
 
 
@@ -196,14 +205,11 @@ def model_card(
     return card
 
 
-def _decisions(a: RecordArrays, threshold: float | None) -> list[int]:
-    return [int(s >= (0.0 if threshold is None else threshold)) for s in a.score]
-
-
-def _disagreements(cand: RecordArrays, champ: RecordArrays, thresholds: tuple[float | None, float | None],
+def _disagreements(cand: RecordArrays, champ: RecordArrays, thresholds: tuple[float, float],
                    limit: int = 50) -> tuple[int, list[dict[str, Any]]]:
     champ = champ.reordered(cand.refs)
-    da, db = _decisions(cand, thresholds[0]), _decisions(champ, thresholds[1])
+    da = [int(s >= thresholds[0]) for s in cand.score]
+    db = [int(s >= thresholds[1]) for s in champ.score]
     rows = []
     for i, (a, b) in enumerate(zip(da, db)):
         if a != b:
@@ -212,6 +218,70 @@ def _disagreements(cand: RecordArrays, champ: RecordArrays, thresholds: tuple[fl
                          "candidate_decision": a, "champion_probability": pb, "champion_decision": b})
     rows.sort(key=lambda r: -abs(r["candidate_probability"] - r["champion_probability"]))
     return len(rows), rows[:limit]
+
+
+def compare_versions(
+    candidate: RecordArrays,
+    champion: RecordArrays,
+    thresholds: tuple[float | None, float | None],
+    names: tuple[str, str],
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The paired comparison of two models on the same frames.
+
+    Figures at an operating point (sensitivity, specificity) and the list of frames where the two decide
+    differently are given only when BOTH models have an operating point: a model without one takes no decisions,
+    and the comparison is then of scores only (AUC, sensitivity at fixed false-alarm budgets, attention), said in
+    ``note``.
+
+    Args:
+        thresholds: the log-odds thresholds of the candidate and the champion (None: no operating point).
+        names: how the candidate and the champion are called in the note.
+
+    Returns:
+        ``{"figures", "decisions", "note", "n_disagreements", "disagreements"}`` (the last two None without
+        decisions).
+    """
+    figures = compare_figures(candidate, champion, thresholds, n_bootstrap, seed=seed)
+    if thresholds[0] is not None and thresholds[1] is not None:
+        n_dis, shown = _disagreements(candidate, champion, (thresholds[0], thresholds[1]))
+        return {"figures": figures, "decisions": True, "note": "", "n_disagreements": n_dis, "disagreements": shown}
+    without = [name for name, t in zip(names, thresholds) if t is None]
+    note = (f"{' and '.join(without)} {'has' if len(without) == 1 else 'have'} no operating point and so "
+            "take{} no decisions: only scores are compared (AUC, sensitivity at fixed false-alarm budgets and "
+            "attention, paired on the same frames); there is no list of disagreeing decisions.")
+    note = note.format("s" if len(without) == 1 else "")
+    note = note[:1].upper() + note[1:]
+    return {"figures": figures, "decisions": False, "note": note, "n_disagreements": None, "disagreements": None}
+
+
+def attention_fov_summary(rows: list[dict[str, Any]], limit: int = 50) -> dict[str, Any] | None:
+    """How much attention falls outside the field of view on a split, from the per-frame records.
+
+    Args:
+        rows: records with ``attention_outside_fov`` and ``peak_outside_fov`` (None without a field of view).
+        limit: most frames listed.
+
+    Returns:
+        ``{"mean_outside", "n_frames", "n_peak_outside", "peak_outside": [{"ref", "label", "probability",
+        "outside"}], "high", "warning_level"}``, the frames with the largest fraction first; ``high`` when the mean
+        exceeds :data:`FOV_WARNING`. None when the records carry no field of view.
+    """
+    values = [float(r["attention_outside_fov"]) for r in rows if r.get("attention_outside_fov") is not None]
+    if not values:
+        return None
+    flagged = sorted((r for r in rows if r.get("peak_outside_fov")), key=lambda r: -float(r["attention_outside_fov"]))
+    mean = sum(values) / len(values)
+    return {
+        "mean_outside": mean,
+        "n_frames": len(values),
+        "n_peak_outside": len(flagged),
+        "peak_outside": [{"ref": r["ref"], "label": int(r["label"]), "outside": float(r["attention_outside_fov"]),
+                          "probability": float(score_to_probability(float(r["score"])))} for r in flagged[:limit]],
+        "high": mean > FOV_WARNING,
+        "warning_level": FOV_WARNING,
+    }
 
 
 def _bound_check(point: Mapping[str, Any], figures: Mapping[str, Any], split: str) -> tuple[dict[str, float], str]:
@@ -243,8 +313,11 @@ def _log_review(client: MlflowClient, version: ModelVersion, out_dir: Path, revi
     client.log_artifact(version.run_id, str(out_dir / "report.html"), folder)
     client.log_artifact(version.run_id, str(out_dir / "review.json"), folder)
     link = f"runs:/{version.run_id}/{folder}/report.html"
+    experiment = client.get_run(version.run_id).info.experiment_id
+    page = f"#/experiments/{experiment}/runs/{version.run_id}/artifacts/{folder}/report.html"
     tags = {
         "review.report": link,
+        "review.page": page,
         "review.sha256": sha256_file(out_dir / "review.json"),
         "review.split": review["split"],
         "review.data_hash": review["data_hash"],
@@ -254,8 +327,10 @@ def _log_review(client: MlflowClient, version: ModelVersion, out_dir: Path, revi
     for key, value in tags.items():
         client.set_model_version_tag(version.name, version.version, key, value)
     lines = [line for line in (version.description or "").splitlines() if not line.startswith("Review: ")]
-    lines.append(f"Review: {link} ({review['split']} split of data {review['data_hash']}, {review['time']})")
-    description = pseudonymise_text("\n".join(lines))
+    what = pseudonymise_text(f"{review['split']} split of data {review['data_hash']}, {review['time']}")
+    # a markdown link relative to the MLflow UI: it opens the report's artifact page from the version's page
+    review_line = f"Review: [report]({page}) ({what}; {link})"
+    description = "\n".join(([pseudonymise_text("\n".join(lines))] if lines else []) + [review_line])
     client.update_model_version(version.name, version.version, description=description)
     return link
 
@@ -331,6 +406,8 @@ def review_model(
             folder.mkdir(parents=True, exist_ok=True)
             local.write_bytes(path.read_bytes())
         rows = evaluate_checkpoint(bundle, local, layout, split, uri, folder, gallery_size, overrides=overrides)
+        if role == "candidate":
+            fov_summary = attention_fov_summary(rows)
         fields = layout.join(rows, split)
         evaluated[role] = (mv, load_checkpoint(local), RecordArrays(rows), local)
     _, checkpoint, records, local = evaluated["candidate"]
@@ -376,6 +453,7 @@ def review_model(
         "confusion": confusion(records, threshold),
         "subgroups": subgroup_figures(records, fields, threshold),
         "gallery": json.loads((out / "candidate" / "gallery.json").read_text()),
+        "attention_fov": fov_summary,
         "curves": {f"version {target.version}": {"score": records.score.tolist(), "label": records.label.tolist()}},
         "curve_points": {},
         "comparison": None,
@@ -383,17 +461,17 @@ def review_model(
     if threshold is not None:
         review["curve_points"][f"version {target.version}"] = [1.0 - figures["specificity"]["value"],
                                                                figures["sensitivity"]["value"]]
+    review["gallery"]["counts"] = confusion(records, review["gallery"]["threshold"])  # the matrix's own counts
+    if fov_summary is not None:
+        review["gate_values"][f"{split}_attention_outside_fov"] = fov_summary["mean_outside"]
     if champion is not None:
         _, champ_ckpt, champ_records, _ = evaluated["champion"]
-        thresholds = (threshold, _threshold(champ_ckpt))
-        n_dis, shown = _disagreements(records, champ_records, thresholds)
+        names = (f"the candidate (version {target.version})", f"{against} (version {champion.version})")
         review["comparison"] = {
             "alias": against,
             "version": str(champion.version),
             "checkpoint_sha256": sha256_file(evaluated["champion"][3]),
-            "figures": compare_figures(records, champ_records, thresholds, n_bootstrap, seed=seed),
-            "n_disagreements": n_dis,
-            "disagreements": shown,
+            **compare_versions(records, champ_records, (threshold, _threshold(champ_ckpt)), names, n_bootstrap, seed),
         }
         review["curves"][f"{against} (version {champion.version})"] = {
             "score": champ_records.reordered(records.refs).score.tolist(), "label": records.label.tolist()}

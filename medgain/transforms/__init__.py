@@ -3,6 +3,7 @@
 from .hair import DrawHair, DrawHaird, hair_alpha
 from .io import DICOM_SUFFIXES, LoadFramed, LoadLabelMapd, count_frames, iter_frames, read_frame, read_label_map
 from .label_map import LabelMapToMaskd, ResizeLesionMaskd, as_label_tuple, resize_lesion_mask
+from .resize import ResizeImaged
 
 __all__ = [
     "DrawHair",
@@ -12,6 +13,7 @@ __all__ = [
     "LabelMapToMaskd",
     "LoadFramed",
     "LoadLabelMapd",
+    "ResizeImaged",
     "ResizeLesionMaskd",
     "as_label_tuple",
     "count_frames",

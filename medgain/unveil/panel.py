@@ -3,19 +3,22 @@ after each step, and the lesion label map derived from the regions."""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import matplotlib
+import matplotlib.axes
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from scipy import ndimage
 
 from medgain.unveil.loop import UnveilResult
 from medgain.visualize import to_display_rgb
 
-__all__ = ["PanelSample", "roi_label_map", "unveil_panel"]
+__all__ = ["PanelSample", "roi_label_map", "stop_words", "unveil_panel"]
 
 _COLOURS = matplotlib.colormaps["tab10"].colors
 
@@ -47,11 +50,39 @@ def roi_label_map(result: UnveilResult) -> np.ndarray:
     return out
 
 
+def stop_words(result: UnveilResult) -> str:
+    """Why the unveiling of ``result`` stopped, in words a reviewer reads (not the ``stop_reason`` key)."""
+    n = len(result.masks)
+    regions = f"{n} region{'s' if n != 1 else ''}"
+    if result.stop_reason == "initially_below":
+        return "nothing unveiled: the untouched image is already below the probability threshold"
+    if result.stop_reason == "below_threshold":
+        return f"stopped: hiding {regions} brought p below the threshold"
+    if result.stop_reason == "steps":
+        return f"stopped at the step limit ({regions} hidden); p is still above the threshold"
+    if result.stop_reason == "no_new_region":
+        return f"stopped: the attention showed no new region ({regions} hidden)"
+    if result.stop_reason == "probability_rose":
+        rose = "" if result.rejected_score is None else f" (to {1.0 / (1.0 + np.exp(-result.rejected_score)):.3f})"
+        return f"stopped: hiding the next region raised p{rose}, so it is no evidence and was not kept"
+    return f"stopped: {result.stop_reason}"
+
+
+def _number_blobs(ax: matplotlib.axes.Axes, mask: np.ndarray, number: int, colour: tuple) -> None:
+    """Write the region's step number on each of its separate blobs."""
+    blobs, count = ndimage.label(mask)
+    for y, x in ndimage.center_of_mass(mask, blobs, range(1, count + 1)):
+        ax.text(x, y, str(number), color="white", fontsize=8, fontweight="bold", ha="center", va="center",
+                bbox={"boxstyle": "circle,pad=0.15", "facecolor": colour, "edgecolor": "none"})
+
+
 def unveil_panel(samples: Sequence[PanelSample], suptitle: str | None = None) -> Figure:
     """A figure with one column per sample: the image on top, its unveiled regions outlined below.
 
-    ROI k is outlined in the k-th ``tab10`` colour; the legend gives the target probability after hiding ROIs
-    1..k, the column title the probability of the untouched image and why unveiling stopped.
+    ROI k is filled (translucent) and outlined in the k-th ``tab10`` colour, and each of its separate blobs
+    carries its number k; the legend gives the target probability after hiding ROIs 1..k, the column title the
+    probability of the untouched image and why unveiling stopped, in words (:func:`stop_words`). When nothing was
+    unveiled the lower picture is dimmed and says so, instead of repeating the image.
 
     Raises:
         ValueError: when ``samples`` is empty or a mask does not have the image's size.
@@ -73,14 +104,24 @@ def unveil_panel(samples: Sequence[PanelSample], suptitle: str | None = None) ->
         top.imshow(rgb)
         top.set_title(
             f"{sample.title}\nclass {result.target}: p = {result.initial_probability:.3f}\n"
-            f"{result.steps} ROI(s), stop: {result.stop_reason}",
+            + textwrap.fill(stop_words(result), 38),
             fontsize=8,
         )
-        bottom.imshow(rgb)
         handles = []
+        if not result.masks:
+            bottom.imshow(rgb, alpha=0.35)
+            bottom.text(0.5, 0.5, "nothing unveiled\n(see above)", transform=bottom.transAxes, ha="center",
+                        va="center", fontsize=9, bbox={"facecolor": "white", "edgecolor": "0.5"})
+        else:
+            bottom.imshow(rgb)
         for k, (mask, probability) in enumerate(zip(result.masks, result.probabilities)):
             colour = _COLOURS[k % len(_COLOURS)]
-            bottom.contour(np.asarray(mask, np.float32), levels=[0.5], colors=[colour], linewidths=1.5)
+            region = np.asarray(mask, bool)
+            fill = np.zeros((*region.shape, 4), np.float32)
+            fill[region] = (*colour, 0.3)
+            bottom.imshow(fill)
+            bottom.contour(region.astype(np.float32), levels=[0.5], colors=[colour], linewidths=1.5)
+            _number_blobs(bottom, region, k + 1, colour)
             handles.append(Line2D([], [], color=colour, lw=2, label=f"ROI {k + 1}: p = {probability:.3f}"))
         if sample.lesion_mask is not None and np.asarray(sample.lesion_mask).any():
             bottom.contour(np.asarray(sample.lesion_mask, np.float32), levels=[0.5], colors="white", linestyles="--")

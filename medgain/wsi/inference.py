@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy import ndimage
 from scipy.special import expit, logit
 from skimage.feature import peak_local_max
 from skimage.measure import label as label_components
@@ -42,6 +43,8 @@ from torch import nn
 
 from medgain.attention import grad_cam, normalize_cam
 from medgain.metrics import positive_score
+from medgain.visualize import heatmap_panel
+from medgain.wsi.annotations import Annotation, read_annotations, tumour_mask
 from medgain.wsi.slide import Slide, SlideError
 from medgain.wsi.tissue import area_fraction, slide_tissue_mask
 
@@ -435,6 +438,7 @@ class SlideInferer:
             cells_per_patch = max(int(round(p * k / s)), 1)
             att_sum = np.zeros(((gh - 1) * k + cells_per_patch, (gw - 1) * k + cells_per_patch), dtype=np.float64)
             att_count = np.zeros_like(att_sum)
+            taper = _edge_taper(cells_per_patch)  # a patch's border weighs little where its neighbours overlap it
             scores = np.full(grid.shape, np.nan, dtype=np.float64)
             for cells, patches in self.iter_batches(slide, grid, reading):
                 z, cam = self._forward(patches)
@@ -443,8 +447,8 @@ class SlideInferer:
                 att_np = att[:, 0].cpu().numpy()
                 scores[cells[:, 0], cells[:, 1]] = z.cpu().numpy()
                 for (i, j), a in zip(cells, att_np):
-                    att_sum[i * k : i * k + cells_per_patch, j * k : j * k + cells_per_patch] += a
-                    att_count[i * k : i * k + cells_per_patch, j * k : j * k + cells_per_patch] += 1.0
+                    att_sum[i * k : i * k + cells_per_patch, j * k : j * k + cells_per_patch] += a * taper
+                    att_count[i * k : i * k + cells_per_patch, j * k : j * k + cells_per_patch] += taper
             d = slide.downsamples[reading.level]
             meta = {
                 "level": reading.level,
@@ -524,6 +528,25 @@ def _lesion_threshold(given: float | None, point: Mapping[str, Any] | None) -> t
     return 0.0, f"0.5: the model has no operating point ({reason})"
 
 
+def _edge_taper(n: int) -> np.ndarray:
+    """(n, n) stitching weights, 1 in a patch's centre and small (never 0) at its border: overlapping patches
+    are blended by them, so no patch edge (where Grad-CAM suffers from padding) shows as a stripe."""
+    ramp = np.sin(np.pi * (np.arange(n) + 0.5) / n) ** 2  # a Hann window, sampled off its zeros
+    return np.outer(ramp, ramp)
+
+
+def _slide_caption(maps: SlideMaps, what: str) -> str:
+    """Two lines under a slide overlay: the slide's pseudonym, score and decision, and what the colours show."""
+    from medgain.data.phi import study_ref
+
+    m = maps.meta
+    threshold = float(m["lesion_threshold"])
+    tumour = maps.score >= float(logit(threshold)) if 0.0 < threshold < 1.0 else maps.slide_probability >= threshold
+    source = " (no operating point)" if "no operating point" in str(m.get("lesion_threshold_source", "")) else ""
+    return (f"slide {study_ref(maps.slide)}: score p {maps.slide_probability:.4g} "
+            f"{'≥' if tumour else '<'} {threshold:.4g}{source} → {'TUMOUR' if tumour else 'no tumour'}\n{what}")
+
+
 def _overlay(thumbnail: np.ndarray, heat: np.ndarray, scale: float, offset: float, alpha: float = 0.45) -> Image.Image:
     """Blend a heat map in [0, 1] (resized by ``scale``, shifted by ``offset`` thumbnail px) over a thumbnail."""
     from matplotlib import colormaps
@@ -541,12 +564,31 @@ def _overlay(thumbnail: np.ndarray, heat: np.ndarray, scale: float, offset: floa
     return Image.fromarray(np.clip(base * (1 - weight) + colour * weight, 0, 255).astype(np.uint8))
 
 
+CONTOUR_RGB = (255, 0, 255)
+"""Colour of the annotated tumour's outline on slide overlays (magenta: not in the jet colour map)."""
+
+
+def _draw_outline(overlay: Image.Image, annotations: Sequence[Annotation], downsample: float) -> Image.Image:
+    """Draw the outline of the annotated tumour (:func:`~medgain.wsi.annotations.tumour_mask` at the overlay's
+    ``downsample``), 3 pixels wide, in :data:`CONTOUR_RGB`."""
+    pixels = np.array(overlay)
+    mask = tumour_mask(annotations, pixels.shape[:2], downsample=downsample)
+    edge = ndimage.binary_dilation(mask & ~ndimage.binary_erosion(mask, border_value=0))
+    pixels[edge] = CONTOUR_RGB
+    return Image.fromarray(pixels)
+
+
 def write_slide_outputs(
-    maps: SlideMaps, folder: str | os.PathLike, thumbnail: tuple[np.ndarray, float] | None = None
+    maps: SlideMaps,
+    folder: str | os.PathLike,
+    thumbnail: tuple[np.ndarray, float] | None = None,
+    annotations: Sequence[Annotation] | None = None,
 ) -> Path:
     """Write a slide's outputs into ``folder``: ``probability.npy``, ``log_odds.npy``, ``attention.npy``,
     ``lesions.csv``, ``slide.json`` (score, geometry) and, given ``(thumbnail (3, h, w), downsample)``,
-    ``thumbnail.png``, ``probability_overlay.png`` and ``attention_overlay.png``."""
+    ``thumbnail.png``, ``probability_overlay.png`` and ``attention_overlay.png``; with ``annotations`` (of the
+    slide, :func:`~medgain.wsi.annotations.read_annotations`) both overlays show the annotated tumour's outline
+    in magenta, and their captions say so."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "probability.npy", maps.probability)
@@ -560,16 +602,24 @@ def write_slide_outputs(
         image, thumb_d = thumbnail
         Image.fromarray(np.ascontiguousarray(np.moveaxis(image, 0, -1))).save(folder / "thumbnail.png")
         m = maps.meta
-        _overlay(
+        probability = _overlay(
             image,
             maps.probability,
             m["map_downsample"] / thumb_d,
             (m["map_offset"] - m["map_downsample"] / 2) / thumb_d,
-        ).save(folder / "probability_overlay.png")
-        peak = float(maps.attention.max()) or 1.0
-        _overlay(image, maps.attention / peak, m["attention_downsample"] / thumb_d, 0.0).save(
-            folder / "attention_overlay.png"
         )
+        outline = "; magenta line: annotated tumour" if annotations else ""
+        if annotations:
+            probability = _draw_outline(probability, annotations, thumb_d)
+        caption = _slide_caption(maps, f"colour: p(tumour) of each patch, one fixed scale 0 to 1{outline}")
+        Image.fromarray(heatmap_panel(np.asarray(probability), "1", caption)).save(folder / "probability_overlay.png")
+        # attention = per-patch Grad-CAM x p(tumour), already in [0, 1]: on the same fixed scale for every slide,
+        # so a normal slide stays cool instead of showing its own maximum in red
+        attention = _overlay(image, maps.attention, m["attention_downsample"] / thumb_d, 0.0)
+        if annotations:
+            attention = _draw_outline(attention, annotations, thumb_d)
+        caption = _slide_caption(maps, f"colour: attention x p(tumour), one fixed scale 0 to 1{outline}")
+        Image.fromarray(heatmap_panel(np.asarray(attention), "1", caption)).save(folder / "attention_overlay.png")
     record = {
         "slide": maps.slide,
         "path": maps.path,
@@ -604,6 +654,7 @@ def run_inference(
     rank: int = 0,
     world_size: int = 1,
     thumbnail_downsample: float = 32.0,
+    annotations: Sequence[str | os.PathLike | None] | None = None,
 ) -> dict[str, Any]:
     """Infer every slide of this rank's shard (``slides[rank::world_size]``) into ``out_dir/<slide id>/``.
 
@@ -619,6 +670,8 @@ def run_inference(
         rank: this process's rank.
         world_size: number of ranks.
         thumbnail_downsample: downsample of the level the overlays are drawn on.
+        annotations: per slide (same order as ``slides``), its annotation file or None; the overlays outline the
+            annotated tumour. An unreadable file fails its slide.
 
     Returns:
         ``{"done": [...], "skipped": [...], "failed": [...]}`` slide ids of this shard.
@@ -626,6 +679,9 @@ def run_inference(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     paths = [Path(p) for p in slides]
+    if annotations is not None and len(annotations) != len(paths):
+        raise ValueError(f"run_inference: {len(annotations)} annotation entries for {len(paths)} slides")
+    notes = list(annotations) if annotations is not None else [None] * len(paths)
     ids = [output_id(p) for p in paths]
     dupes = sorted({i for i in ids if ids.count(i) > 1})
     if dupes:
@@ -635,7 +691,7 @@ def run_inference(
     errors_path = out / ("errors.csv" if world_size == 1 else f"errors.rank{rank}.csv")
     errors: list[dict[str, str]] = []
     summary: dict[str, list[str]] = {"done": [], "skipped": [], "failed": []}
-    for slide_id, path in list(zip(ids, paths))[rank::world_size]:
+    for slide_id, path, note in list(zip(ids, paths, notes))[rank::world_size]:
         final = out / slide_id
         if (final / "slide.json").is_file():
             summary["skipped"].append(slide_id)
@@ -648,7 +704,8 @@ def run_inference(
             with Slide(path, backend=inferer.backend, default_mpp=inferer.default_mpp) as slide:
                 level = slide.level_for_downsample(thumbnail_downsample)
                 thumb = (slide.read_level(level), slide.downsamples[level])
-            write_slide_outputs(maps, tmp, thumb)
+            outline = read_annotations(note) if note else None
+            write_slide_outputs(maps, tmp, thumb, outline)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
