@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from monai.bundle import run
 from monai.data import PatchWSIDataset
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -23,8 +24,18 @@ from pydicom.uid import ExplicitVRLittleEndian, VLWholeSlideMicroscopyImageStora
 from torch import nn
 
 from medgain.cli import build_parser
-from medgain.synth import make_wsi_slide
-from medgain.wsi import Slide, SlideError, SlideInferer, TiledTiffFileWSIReader, patch_table, run_inference
+from medgain.cli import main as medgain_main
+from medgain.synth import make_wsi_dataset, make_wsi_slide
+from medgain.wsi import (
+    Slide,
+    SlideError,
+    SlideInferer,
+    TiledTiffFileWSIReader,
+    patch_items,
+    patch_table,
+    run_inference,
+    wsi_reader,
+)
 from medgain.wsi.tissue import slide_tissue_mask
 
 
@@ -383,3 +394,74 @@ def test_openslide_reads_mirax(tmp_path):
         assert slide.level_shapes == [(512, 512), (256, 256), (128, 128)]
         region = slide.read_region((192, 320), (40, 60), 1)
         np.testing.assert_array_equal(region, small[1][96:136, 160:220].transpose(2, 0, 1))
+
+
+# -- single-level slides in training: the reader's computed levels are Slide's -------------------------------------
+def _single_level(path: Path, mpp: float) -> Path:
+    """Overwrite a pyramidal TIFF with its level 0 alone (tiled, deflate, resolution tags kept)."""
+    image = tifffile.imread(path, level=0)
+    tifffile.imwrite(path, image, tile=(256, 256), photometric="rgb", compression="deflate",
+                     resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    return path
+
+
+def test_single_level_slide_patches_at_a_computed_level_train_as_slide_reads_them(tmp_path, caplog):
+    spec = make_wsi_slide(tmp_path / "export.tif", seed=8, size=1024, tumour=True, mpp=1.0, compression="deflate")
+    path = _single_level(spec.path, mpp=1.0)
+    image = tifffile.imread(path)
+    rows = patch_table(path, None, 1, 48)  # level 1 exists only computed
+    assert rows and {int(r["level"]) for r in rows} == {1}
+    items = patch_items(rows, patch_size=48) + [{"image": str(path), "location": [3, 5], "label": 0}]
+    reader = wsi_reader("tifffile")  # as train.yaml builds its datasets
+    caplog.clear()  # patch_table's Slide warned already
+    with caplog.at_level(logging.WARNING):
+        dataset = PatchWSIDataset(items, patch_size=(48, 48), patch_level=1, center_location=False, reader=reader)
+        patches = [dataset[i]["image"] for i in range(len(dataset))]
+    assert caplog.text.count("export.tif: a single stored level (1024x1024)") == 1  # once per slide, not per patch
+    wsi = reader.read(str(path))
+    assert reader.get_stored_level_count(wsi) == 1 and reader.get_level_count(wsi) == 3
+    assert [reader.get_size(wsi, k) for k in range(3)] == [(1024, 1024), (512, 512), (256, 256)]
+    assert [reader.get_downsample_ratio(wsi, k) for k in range(3)] == [1.0, 2.0, 4.0]
+    assert reader.get_mpp(wsi, 2) == pytest.approx((4.0, 4.0))
+    wsi.close()
+    with Slide(path) as slide:
+        assert slide.level_shapes == [(1024, 1024), (512, 512), (256, 256)] and slide.mpp_at(1) == pytest.approx(2.0)
+        for item, patch in zip(items, patches):
+            top, left = item["location"]
+            expected = slide.read_region((top, left), (48, 48), 1)
+            np.testing.assert_array_equal(np.asarray(patch), expected)
+            block = image[top : top + 96, left : left + 96].astype(np.float64).reshape(48, 2, 48, 2, 3).mean((1, 3))
+            np.testing.assert_array_equal(expected, np.round(block).transpose(2, 0, 1))
+
+
+def test_openslide_reader_gives_a_single_level_slide_the_same_computed_levels(tmp_path):
+    pytest.importorskip("openslide", reason="the openslide backend needs openslide-python and openslide-bin")
+    spec = make_wsi_slide(tmp_path / "export.tif", seed=9, size=768, tumour=False, mpp=1.0, compression="deflate")
+    path = _single_level(spec.path, mpp=1.0)
+    items = [{"image": str(path), "location": [101, 37], "label": 0}]
+    reader = wsi_reader("openslide")
+    dataset = PatchWSIDataset(items, patch_size=40, patch_level=2, center_location=False, reader=reader)
+    with Slide(path, backend="openslide") as slide, Slide(path) as ours:
+        assert slide.stored_levels == 1 and slide.level_shapes == [(768, 768), (384, 384), (192, 192)]
+        assert slide.level_shapes == ours.level_shapes and slide.downsamples == ours.downsamples
+        assert slide.mpp_at(2) == pytest.approx(4.0)
+        region = slide.read_region((101, 37), (40, 40), 2)
+        np.testing.assert_array_equal(np.asarray(dataset[0]["image"]), region)
+        np.testing.assert_array_equal(region, ours.read_region((101, 37), (40, 40), 2))
+
+
+def test_wsi_bundle_trains_on_single_level_slides_at_level_1(tmp_path):
+    labels = make_wsi_dataset(tmp_path / "slides", 6, seed=1, size=1024, tumour_rate=0.5, mpp=2.0,
+                              compression="deflate")
+    for slide in sorted((tmp_path / "slides" / "images").glob("*.tif")):
+        _single_level(slide, mpp=2.0)
+    data = tmp_path / "data"
+    args = ["wsi", "patches", "--labels", str(labels), "--out", str(data), "--level", "1", "--patch-size", "32",
+            "--max-eval-patches", "40"]
+    assert medgain_main(args) == 0
+    configs = Path(__file__).resolve().parents[1] / "bundles" / "wsi_patch_gain" / "configs"
+    root = tmp_path / "bundle"
+    run("training", meta_file=str(configs / "metadata.json"), config_file=str(configs / "train.yaml"),
+        logging_file=str(configs / "logging.conf"), bundle_root=str(root), dataset_dir=str(data), max_epochs=1,
+        network="small_cnn", patch_size=32, level=1, batch_size=8, num_workers=0)
+    assert (root / "models" / "checkpoint_epoch=1.pt").is_file()  # the epoch ran to its end

@@ -36,7 +36,7 @@ from medgain.wsi.patches import (
     slides_patch_table,
     write_patch_table,
 )
-from medgain.wsi.slide import WSI_BACKENDS, Slide, SlideError, TiledTiffFileWSIReader, wsi_reader
+from medgain.wsi.slide import WSI_BACKENDS, ComputedLevels, Slide, SlideError, TiledTiffFileWSIReader, wsi_reader
 from medgain.wsi.stain import RandHEDJitterd, hed_jitter
 from medgain.wsi.tissue import TISSUE_DOWNSAMPLE, area_fraction, slide_tissue_mask, tissue_mask
 
@@ -51,6 +51,7 @@ __all__ = [
     "WSI_BACKENDS",
     "Annotation",
     "AnnotationError",
+    "ComputedLevels",
     "LesionPatchMaskd",
     "PatchIdd",
     "PatchReading",

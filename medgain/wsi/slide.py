@@ -2,12 +2,14 @@
 
 :class:`Slide` opens a slide with a configurable backend (``tifffile`` by default, ``openslide`` or ``cucim``
 when installed), validates it (readable, not truncated, a compression that can be decoded), finds its microns
-per pixel in the file's own metadata and reads regions at any level. A slide with a single level gets lower
-levels computed on read. :class:`TiledTiffFileWSIReader` is MONAI's tifffile reader with two changes: its
-levels are the pyramid of the file's main image series (so Aperio SVS, OME-TIFF and Hamamatsu NDPI pyramids
-are read as the vendor wrote them, without thumbnail, label or macro pages), and a region decodes only the
-tiles (or strips) it overlaps, where MONAI's decodes the whole level for every patch. It is a
-``BaseWSIReader``, so it can also be given to MONAI's ``PatchWSIDataset`` family as ``reader``.
+per pixel in the file's own metadata and reads regions at any level. :class:`TiledTiffFileWSIReader` is MONAI's
+tifffile reader with two changes: its levels are the pyramid of the file's main image series (so Aperio SVS,
+OME-TIFF and Hamamatsu NDPI pyramids are read as the vendor wrote them, without thumbnail, label or macro
+pages), and a region decodes only the tiles (or strips) it overlaps, where MONAI's decodes the whole level for
+every patch. It is a ``BaseWSIReader``, so it can also be given to MONAI's ``PatchWSIDataset`` family as
+``reader``. The readers of :func:`wsi_reader` (all backends) give a slide with a single level lower levels
+computed on read (:class:`ComputedLevels`), and :class:`Slide` reads through them, so training, evaluation and
+inference see the same levels and the same pixels.
 """
 
 from __future__ import annotations
@@ -21,12 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from monai.data import WSIReader
-from monai.data.wsi_reader import BaseWSIReader, TiffFileWSIReader
+from monai.data.wsi_reader import BaseWSIReader, CuCIMWSIReader, OpenSlideWSIReader, TiffFileWSIReader
 from tifffile import COMPRESSION, TIFF
 from tifffile.tifffile import svs_description_metadata
 
-__all__ = ["WSI_BACKENDS", "Slide", "SlideError", "TiledTiffFileWSIReader", "wsi_reader"]
+__all__ = [
+    "WSI_BACKENDS",
+    "ComputedLevels",
+    "ComputedLevelsCuCIMWSIReader",
+    "ComputedLevelsOpenSlideWSIReader",
+    "Slide",
+    "SlideError",
+    "TiledTiffFileWSIReader",
+    "wsi_reader",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,18 +67,94 @@ def _levels(wsi: Any) -> list[Any]:
     return [level.keyframe for level in wsi.series[0].levels]
 
 
-class TiledTiffFileWSIReader(TiffFileWSIReader):
-    """MONAI's tifffile WSI reader over the main series' pyramid, decoding only the tiles a region overlaps.
-
-    Levels are ``wsi.series[0].levels`` (tifffile's pyramid of the main image: sub-IFDs of OME-TIFF, the
-    levels of SVS and NDPI without their thumbnail, label and macro images, reduced-resolution pages of a
-    generic TIFF). Regions may extend past the level's border; pixels outside are white (255). Tiled and
-    stripped pages are decoded piecewise; other layouts (planar, volumetric) fall back to MONAI's whole-level
-    read. Same arguments as ``monai.data.wsi_reader.TiffFileWSIReader``.
-
-    Raises (from ``get_data``):
-        SlideError: naming the file, the level and the tile, when a tile cannot be decoded (corrupt data).
+class ComputedLevels(BaseWSIReader):
+    """Mixin for a MONAI WSI reader: a slide with a single stored level gets lower levels, each half the
+    one above, until the longer side is at most 256 px; their regions are the mean of ``factor``-px squares of
+    level 0, rounded. Level count, sizes, downsample ratios, microns per pixel and ``get_data`` cover them; the
+    first time a file's levels are listed, a warning says that computed levels are slow. Put it first among
+    the bases: ``class Reader(ComputedLevels, SomeWSIReader)``.
     """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._warned: set[str] = set()
+
+    def get_stored_level_count(self, wsi: Any) -> int:
+        """The number of levels stored in the file."""
+        return int(super().get_level_count(wsi))
+
+    def _computed_factors(self, wsi: Any) -> list[int]:
+        """Downsample factors of the computed levels; empty unless the file stores a single level."""
+        if self.get_stored_level_count(wsi) != 1:
+            return []
+        h, w = (int(v) for v in super().get_size(wsi, 0))
+        factors: list[int] = []
+        factor = 1
+        while max(h, w) // factor > _COMPUTED_LEVEL_SIDE and min(h, w) // (factor * 2) >= 1:
+            factor *= 2
+            factors.append(factor)
+        path = self.get_file_path(wsi)
+        if factors and path not in self._warned:
+            self._warned.add(path)
+            logger.warning(
+                "%s: a single stored level (%dx%d); lower levels are computed from it on every read, which is "
+                "slow for large images (store a tiled pyramid, e.g. `vips tiffsave --tile --pyramid`, for speed)",
+                path, w, h,
+            )
+        return factors
+
+    def get_level_count(self, wsi: Any) -> int:
+        return self.get_stored_level_count(wsi) + len(self._computed_factors(wsi))
+
+    def _factor(self, wsi: Any, level: int) -> int | None:
+        """The downsample factor of ``level`` when it is computed, None when it is stored."""
+        stored = self.get_stored_level_count(wsi)
+        if level < stored:
+            return None
+        factors = self._computed_factors(wsi)
+        if level - stored >= len(factors):
+            raise ValueError(
+                f"{self.get_file_path(wsi)}: level {level} out of range (the slide has {stored + len(factors)})"
+            )
+        return factors[level - stored]
+
+    def get_size(self, wsi: Any, level: int) -> tuple[int, int]:
+        factor = self._factor(wsi, level)
+        if factor is None:
+            return super().get_size(wsi, level)
+        h, w = super().get_size(wsi, 0)
+        return (int(h) // factor, int(w) // factor)
+
+    def get_downsample_ratio(self, wsi: Any, level: int) -> float:
+        factor = self._factor(wsi, level)
+        return super().get_downsample_ratio(wsi, level) if factor is None else float(factor)
+
+    def _get_patch(
+        self, wsi: Any, location: tuple[int, int], size: tuple[int, int], level: int, dtype: Any, mode: str
+    ) -> np.ndarray:
+        factor = self._factor(wsi, level)
+        if factor is None:
+            return super()._get_patch(wsi, location, size, level, dtype, mode)
+        height, width = int(size[0]), int(size[1])
+        out: np.ndarray | None = None
+        step = max(1, _REDUCE_BLOCK // factor)  # level-0 blocks of at most _REDUCE_BLOCK px a side
+        for r in range(0, height, step):
+            for c in range(0, width, step):
+                bh, bw = min(step, height - r), min(step, width - c)
+                origin = (int(location[0]) + r * factor, int(location[1]) + c * factor)
+                block = np.moveaxis(
+                    super()._get_patch(wsi, origin, (bh * factor, bw * factor), 0, dtype, mode), self.channel_dim, -1
+                )
+                if out is None:
+                    out = np.empty((height, width, block.shape[-1]), dtype=block.dtype)
+                reduced = block.reshape(bh, factor, bw, factor, -1).mean(axis=(1, 3))
+                out[r : r + bh, c : c + bw] = np.round(reduced).astype(block.dtype)
+        return np.moveaxis(out, -1, self.channel_dim)
+
+
+class _TileTiffFileWSIReader(TiffFileWSIReader):
+    """MONAI's tifffile WSI reader over the main series' pyramid (stored levels only), decoding only the tiles a
+    region overlaps."""
 
     @staticmethod
     def get_level_count(wsi: Any) -> int:
@@ -141,9 +227,33 @@ class TiledTiffFileWSIReader(TiffFileWSIReader):
         return patch
 
 
-def wsi_reader(backend: str = "tifffile", **kwargs: Any) -> BaseWSIReader:
-    """A MONAI WSI reader for ``backend``: :class:`TiledTiffFileWSIReader` for "tifffile", MONAI's
-    ``WSIReader`` for "openslide" and "cucim".
+class TiledTiffFileWSIReader(ComputedLevels, _TileTiffFileWSIReader):
+    """MONAI's tifffile WSI reader over the main series' pyramid, decoding only the tiles a region overlaps, with
+    computed lower levels for a single-level slide (:class:`ComputedLevels`).
+
+    Levels are ``wsi.series[0].levels`` (tifffile's pyramid of the main image: sub-IFDs of OME-TIFF, the
+    levels of SVS and NDPI without their thumbnail, label and macro images, reduced-resolution pages of a
+    generic TIFF). Regions may extend past the level's border; pixels outside are white (255). Tiled and
+    stripped pages are decoded piecewise; other layouts (planar, volumetric) fall back to MONAI's whole-level
+    read. Same arguments as ``monai.data.wsi_reader.TiffFileWSIReader``.
+
+    Raises (from ``get_data``):
+        SlideError: naming the file, the level and the tile, when a tile cannot be decoded (corrupt data).
+    """
+
+
+class ComputedLevelsOpenSlideWSIReader(ComputedLevels, OpenSlideWSIReader):
+    """MONAI's OpenSlide WSI reader with computed lower levels for a single-level slide (:class:`ComputedLevels`)."""
+
+
+class ComputedLevelsCuCIMWSIReader(ComputedLevels, CuCIMWSIReader):
+    """MONAI's cuCIM WSI reader with computed lower levels for a single-level slide (:class:`ComputedLevels`)."""
+
+
+def wsi_reader(backend: str = "tifffile", **kwargs: Any) -> ComputedLevels:
+    """A MONAI WSI reader for ``backend``, with computed lower levels for single-level slides:
+    :class:`TiledTiffFileWSIReader` for "tifffile", :class:`ComputedLevelsOpenSlideWSIReader` for "openslide",
+    :class:`ComputedLevelsCuCIMWSIReader` for "cucim".
 
     Raises:
         ValueError: for an unknown backend, or one whose library is not installed (the message says which
@@ -159,7 +269,8 @@ def wsi_reader(backend: str = "tifffile", **kwargs: Any) -> BaseWSIReader:
         __import__(module)
     except ImportError as err:
         raise ValueError(f"WSI backend {name!r} needs {packages} (pip install {packages}): {err}") from None
-    return WSIReader(backend=name, **kwargs)
+    reader = ComputedLevelsOpenSlideWSIReader if name == "openslide" else ComputedLevelsCuCIMWSIReader
+    return reader(**kwargs)
 
 
 def _compression_name(page: Any) -> str:
@@ -271,7 +382,8 @@ class Slide:
     Microns per pixel come from the file's own metadata (Aperio ``MPP``, OME ``PhysicalSizeX``, TIFF resolution
     tags in a physical unit, OpenSlide's ``openslide.mpp-x``); ``default_mpp`` is used only when there is none.
     A slide with a single level (an exported region, a small scan) gets lower levels, each half the one above,
-    computed from level 0 on every read: slower than a stored pyramid, which a warning says.
+    computed from level 0 on every read by its reader (:class:`ComputedLevels`, the same levels and pixels as
+    MONAI's ``PatchWSIDataset`` reads with :func:`wsi_reader`): slower than a stored pyramid, which a warning says.
 
     Args:
         path: the slide file (for a DICOM whole-slide image with the openslide backend: one ``.dcm`` of the
@@ -312,11 +424,12 @@ class Slide:
         try:
             if self.backend == "tifffile":
                 _check_tiff(self.wsi, self.path)
-            self.stored_levels = int(self.reader.get_level_count(self.wsi))
+            self.stored_levels = self.reader.get_stored_level_count(self.wsi)
+            self.level_count = int(self.reader.get_level_count(self.wsi))
             self.level_shapes = [
-                tuple(int(v) for v in self.reader.get_size(self.wsi, k)) for k in range(self.stored_levels)
+                tuple(int(v) for v in self.reader.get_size(self.wsi, k)) for k in range(self.level_count)
             ]
-            self.downsamples = [float(self.reader.get_downsample_ratio(self.wsi, k)) for k in range(self.stored_levels)]
+            self.downsamples = [float(self.reader.get_downsample_ratio(self.wsi, k)) for k in range(self.level_count)]
             self.mpp, self.mpp_source, self.magnification = self._read_metadata()
         except Exception as err:
             self.close()
@@ -326,24 +439,7 @@ class Slide:
                 f"{self.path}: cannot be read as a whole-slide image with the {self.backend} backend: "
                 f"{type(err).__name__}: {err}"
             ) from err
-        if self.stored_levels == 1:
-            self._add_computed_levels()
-        self.level_count = len(self.level_shapes)
         self.default_mpp = default_mpp
-
-    def _add_computed_levels(self) -> None:
-        h, w = self.level_shapes[0]
-        factor = 1
-        while max(h, w) // factor > _COMPUTED_LEVEL_SIDE and min(h, w) // (factor * 2) >= 1:
-            factor *= 2
-            self.level_shapes.append((h // factor, w // factor))
-            self.downsamples.append(float(factor))
-        if factor > 1:
-            logger.warning(
-                "%s: a single stored level (%dx%d); lower levels are computed from it on every read, which is "
-                "slow for large images (store a tiled pyramid, e.g. `vips tiffsave --tile --pyramid`, for speed)",
-                self.path, w, h,
-            )
 
     def _read_metadata(self) -> tuple[float | None, str | None, float | None]:
         if self.backend == "tifffile":
@@ -397,33 +493,6 @@ class Slide:
         fitting = [k for k, d in enumerate(self.downsamples) if d <= downsample * 1.001]
         return max(fitting, key=lambda k: self.downsamples[k]) if fitting else 0
 
-    def _read_stored(self, location: tuple[int, int], size: tuple[int, int], level: int) -> np.ndarray:
-        try:
-            data, _ = self.reader.get_data(self.wsi, location=location, size=size, level=level)
-        except SlideError:
-            raise
-        except Exception as err:  # the backends raise many types for undecodable data
-            raise SlideError(
-                f"{self.path}: reading {tuple(size)} px at {tuple(location)} (level {level}) failed: "
-                f"{type(err).__name__}: {err}"
-            ) from err
-        return np.asarray(data, dtype=np.uint8)
-
-    def _read_computed(self, location: tuple[int, int], size: tuple[int, int], level: int) -> np.ndarray:
-        """A region of a computed level: level-0 blocks reduced by their mean over ``factor``-px squares."""
-        factor = int(self.downsamples[level])
-        height, width = size
-        out = np.empty((3, height, width), np.uint8)
-        step = max(1, _REDUCE_BLOCK // factor)
-        for r in range(0, height, step):
-            for c in range(0, width, step):
-                bh, bw = min(step, height - r), min(step, width - c)
-                block = self._read_stored((location[0] + r * factor, location[1] + c * factor),
-                                          (bh * factor, bw * factor), 0)
-                reduced = block[:3].reshape(3, bh, factor, bw, factor).mean(axis=(2, 4))
-                out[:, r : r + bh, c : c + bw] = np.round(reduced).astype(np.uint8)
-        return out
-
     def read_region(self, location: tuple[int, int], size: tuple[int, int], level: int) -> np.ndarray:
         """RGB pixels (3, h, w) uint8 of a region.
 
@@ -440,9 +509,16 @@ class Slide:
             raise ValueError(f"{self.path}: level {level} out of range (the slide has {self.level_count})")
         location = (int(location[0]), int(location[1]))
         size = (int(size[0]), int(size[1]))
-        if level >= self.stored_levels:
-            return self._read_computed(location, size, level)
-        return self._read_stored(location, size, level)
+        try:
+            data, _ = self.reader.get_data(self.wsi, location=location, size=size, level=level)
+        except SlideError:
+            raise
+        except Exception as err:  # the backends raise many types for undecodable data
+            raise SlideError(
+                f"{self.path}: reading {tuple(size)} px at {tuple(location)} (level {level}) failed: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        return np.asarray(data, dtype=np.uint8)
 
     def read_level(self, level: int) -> np.ndarray:
         """A whole level as (3, H, W) uint8 (meant for low-resolution levels)."""
