@@ -78,9 +78,9 @@ class BestModelSaver:
         unit: what the validation negatives are, in the statement, e.g. "normal frames".
         attention_gallery: the validation gallery whose colour scale is stored with the model; None for none.
 
-    Raises:
-        RuntimeError: (when saving) ``attention_gallery`` rendered no gallery for the saved round, e.g. because
-            it is attached after this handler.
+    When the gallery rendered nothing for the saved round (no frames to show, or it is attached after this
+    handler) the model file stores no scale, and a warning says why: inference heatmaps then say on the picture
+    that they are scaled per frame.
     """
 
     def __init__(
@@ -209,15 +209,17 @@ class BestModelSaver:
         log_artifact(self.mlflow_handler, self.summary_path, "checkpoint")
 
     def _attention_display(self, epoch: int) -> dict[str, Any] | None:
-        """The colour scale of this round's attention gallery, or None without a gallery."""
+        """The colour scale of this round's attention gallery, or None without one (with a warning)."""
         if self.attention_gallery is None:
             return None
         shown = self.attention_gallery.display
         if shown is None or shown["epoch"] != epoch:
-            raise RuntimeError(
-                f"BestModelSaver: the attention gallery rendered nothing for validation round {epoch}; list the "
-                "AttentionOverlaySaver before BestModelSaver among the evaluator's handlers"
+            logger.warning(
+                "BestModelSaver: the attention gallery rendered nothing for validation round %d (no frames to show, "
+                "or the AttentionOverlaySaver is listed after BestModelSaver): the model file stores no attention "
+                "scale, and inference heatmaps will be scaled per frame", epoch,
             )
+            return None
         return {"scale": float(shown["scale"]), "how": str(shown["how"])}
 
     @property
