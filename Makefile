@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# one pytest-xdist worker per core (TEST_WORKERS=0 runs in one process); tests/conftest.py gives each worker one
+# compute thread
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(BIN)/python -m pytest -p no:cacheprovider tests
+	$(BIN)/python -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal --durations=15 tests
 
 # the absolute `mlflow ui` command of a demo's store, as medgain.tracking.ui_command prints it: one server
 # (one web worker, no job consumers), so that Ctrl+C stops all of it
@@ -28,18 +31,20 @@ print_ui = echo "browse the runs (model-training view):"; \
 	echo "  then open http://127.0.0.1:5000/\#/experiments?workflowType=machine_learning"
 
 demo: $(STAMP)
-	$(BIN)/python -m medgain.cli demo --out $(DEMO_DIR)
+	OMP_NUM_THREADS=1 $(BIN)/python -m medgain.cli demo --out $(DEMO_DIR)
 
-# recurrent glimpse attention on synthetic pattern2 (128², 3-channel): data, training, test evaluation
+# recurrent glimpse attention on synthetic pattern2 (128², 3-channel, 2000 images): data, training, test evaluation.
+# The training and validation images are read once into memory (CacheDataset), not in every epoch.
 GLIMPSE_DIR ?= demo_glimpse
 GLIMPSE_BUNDLE := bundles/glimpse_attention
 GLIMPSE_RUN := $(BIN)/python -m monai.bundle run --bundle_root $(GLIMPSE_DIR) \
 	--meta_file $(GLIMPSE_BUNDLE)/configs/metadata.json --logging_file $(GLIMPSE_BUNDLE)/configs/logging.conf \
 	--dataset_dir $(GLIMPSE_DIR)/data --num_workers 0
 demo-glimpse: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/medgain synth patterns --kind pattern2 --rgb --size 128 --n-images 2400 --seed 0 \
+	OMP_NUM_THREADS=1 $(BIN)/medgain synth patterns --kind pattern2 --rgb --size 128 --n-images 2000 --seed 0 \
 		--split-fractions 0.8 0.1 0.1 --out $(GLIMPSE_DIR)/data
-	OMP_NUM_THREADS=1 $(GLIMPSE_RUN) --run_id training --config_file $(GLIMPSE_BUNDLE)/configs/train.yaml --max_epochs 12
+	OMP_NUM_THREADS=1 $(GLIMPSE_RUN) --run_id training --config_file $(GLIMPSE_BUNDLE)/configs/train.yaml --max_epochs 12 \
+		--train#dataset#_target_ CacheDataset --validate#dataset#_target_ CacheDataset
 	OMP_NUM_THREADS=1 $(GLIMPSE_RUN) --run_id evaluate \
 		--config_file "['$(GLIMPSE_BUNDLE)/configs/train.yaml','$(GLIMPSE_BUNDLE)/configs/evaluate.yaml']"
 	cat $(GLIMPSE_DIR)/outputs/evaluation/metrics.json

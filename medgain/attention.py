@@ -138,6 +138,7 @@ def cam_from_activations(
     size: Sequence[int] | None = None,
     *,
     create_graph: bool = False,
+    negative_slope: float = 0.0,
 ) -> torch.Tensor:
     """Grad-CAM of ``scores`` (B,) w.r.t. recorded ``activations`` (B, C, h, w).
 
@@ -150,14 +151,18 @@ def cam_from_activations(
         scores: per-sample target scores.
         size: (H, W) to upsample the cam to (bilinear); None keeps the layer's resolution.
         create_graph: also differentiate through the channel weights (second-order graph).
+        negative_slope: slope kept below zero (a leaky ReLU) for losses on the map: with Grad-CAM's ReLU (0) a
+            location whose weighted evidence is negative gets no gradient, so a map positive at one location
+            only, once min-max normalised, is a fixed point of any loss on it (its gradient is exactly zero).
 
     Returns:
-        (B, 1, H, W) raw Grad-CAM (float32, or float64 for double inputs): ReLU of the gradient-weighted channel sum, not normalised.
+        (B, 1, H, W) raw Grad-CAM (float32, or float64 for double inputs): ReLU (leaky with ``negative_slope``) of
+        the gradient-weighted channel sum, not normalised.
     """
     (grads,) = torch.autograd.grad(scores.sum(), activations, create_graph=create_graph, retain_graph=True)
     dtype = torch.promote_types(activations.dtype, torch.float32)  # half precision (AMP) is computed in float32
     weights = grads.to(dtype).mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * activations.to(dtype)).sum(dim=1, keepdim=True))
+    cam = F.leaky_relu((weights * activations.to(dtype)).sum(dim=1, keepdim=True), negative_slope)
     if size is not None and tuple(cam.shape[-2:]) != tuple(size):
         cam = F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)
     return cam

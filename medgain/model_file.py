@@ -34,14 +34,8 @@ import torch
 from torch import nn
 
 from medgain.metrics.confidence import operating_point_words
-from medgain.networks import (
-    TARGET_LAYERS,
-    ChipNet,
-    FusionClassifier,
-    GlimpseLogitsNetwork,
-    RecurrentGlimpseNetwork,
-    build_classifier,
-)
+from medgain.networks import TARGET_LAYERS
+from medgain.networks.architectures import ARCHITECTURES
 
 __all__ = [
     "ARCHITECTURES",
@@ -65,15 +59,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _DDP_PREFIX = "module."
-#: model architectures a spec can describe, with the prefix of their backbone's layer names.
-ARCHITECTURES: dict[str, str] = {
-    "classifier": "",
-    "fusion": "image_branch.",
-    "chipnet": "encoder.",
-    "glimpse": "encoder.",
-}
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     """What a checkpoint's network is and how its input must look.
@@ -129,12 +114,9 @@ class ModelSpec:
             raise ValueError(f"unknown network {self.network!r}; registered: {sorted(TARGET_LAYERS)}")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.architecture!r}; one of {sorted(ARCHITECTURES)}")
-        if self.architecture == "fusion" and not isinstance(self.metadata_encoder, Mapping):
-            raise ValueError("a 'fusion' model spec needs metadata_encoder (MetadataEncoder.state())")
-        if self.architecture == "chipnet" and not (isinstance(self.chip_size, int) and self.chip_size > 0):
-            raise ValueError(f"a 'chipnet' model spec needs a positive chip_size, got {self.chip_size!r}")
-        if self.architecture == "glimpse" and not isinstance(self.glimpse, Mapping):
-            raise ValueError("a 'glimpse' model spec needs glimpse (the RecurrentGlimpseNetwork options)")
+        lacking = ARCHITECTURES[self.architecture].check(self)
+        if lacking is not None:
+            raise ValueError(f"a {self.architecture!r} model spec needs {lacking}")
         if self.level is not None and not (isinstance(self.level, int) and self.level >= 0):
             raise ValueError(f"level must be a non-negative pyramid level or None, got {self.level!r}")
         if not isinstance(self.bundle, str) or not isinstance(self.modality, str):
@@ -147,7 +129,7 @@ class ModelSpec:
         if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
             raise ValueError(f"image_size must be one or two positive integers, got {self.image_size!r}")
         object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
-        default_layer = ARCHITECTURES[self.architecture] + TARGET_LAYERS[self.network]
+        default_layer = ARCHITECTURES[self.architecture].layer_prefix + TARGET_LAYERS[self.network]
         object.__setattr__(self, "target_layer", self.target_layer or default_layer)
         names = list(self.class_names) or [f"class_{i}" for i in range(max(self.num_classes, 2))]
         object.__setattr__(self, "class_names", names)
@@ -176,40 +158,7 @@ def build_network(
     ``pretrained_path``). ``logits_only``: a glimpse model as :class:`~medgain.networks.GlimpseLogitsNetwork`
     (forward returns the logits tensor, as MONAI's bundle tools and TorchScript users expect; same weights)."""
     spec = spec if isinstance(spec, ModelSpec) else ModelSpec(**spec)
-    if spec.architecture == "fusion":
-        from medgain.data.dermoscopy import MetadataEncoder
-
-        assert spec.metadata_encoder is not None
-        return FusionClassifier(
-            spec.network,
-            MetadataEncoder.from_state(spec.metadata_encoder).num_features,
-            spec.num_classes,
-            in_channels=spec.in_channels,
-            pretrained_path=pretrained_path,
-            normalization=spec.normalization,
-        )
-    if spec.architecture == "chipnet":
-        return ChipNet(
-            spec.network,
-            spec.chip_size,
-            spec.num_classes,
-            in_channels=spec.in_channels,
-            pretrained_path=pretrained_path,
-            normalization=spec.normalization,
-        )
-    if spec.architecture == "glimpse":
-        assert spec.glimpse is not None
-        glimpse_class = GlimpseLogitsNetwork if logits_only else RecurrentGlimpseNetwork
-        return glimpse_class(
-            spec.network, spec.num_classes, spec.in_channels, pretrained_path=pretrained_path, **spec.glimpse
-        )
-    return build_classifier(
-        spec.network,
-        spec.num_classes,
-        in_channels=spec.in_channels,
-        pretrained_path=pretrained_path,
-        normalization=spec.normalization,
-    )
+    return ARCHITECTURES[spec.architecture].build(spec, pretrained_path, logits_only)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:

@@ -3,11 +3,13 @@
 Every source takes a whole batch with a target class per sample and follows the contract of
 :func:`medgain.attention.grad_cam`: the model's mode is not switched, the hooks it needs are removed on return,
 and no parameter ``.grad`` is touched (gradients are taken with ``torch.autograd.grad`` w.r.t. the input only).
-Per-sample maps assume that samples do not interact inside the network (eval-mode BatchNorm), as for Grad-CAM.
+Per-sample maps assume that samples do not interact inside the network (eval-mode BatchNorm), as for Grad-CAM;
+SmoothGrad noise is drawn per sample (:func:`sample_noise_seeds`), so a sample gets the same map in any batch.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 
@@ -22,6 +24,7 @@ __all__ = [
     "guided_backprop",
     "input_gradient",
     "saliency_map",
+    "sample_noise_seeds",
     "smooth_grad",
     "target_class",
 ]
@@ -144,6 +147,49 @@ def guided_backprop(
     return input_gradient(model, images, class_index, guided=True)
 
 
+def _noise_key(image: torch.Tensor) -> bytes:
+    """Content key of one (C, H, W) image: its shape, dtype and the bytes of its values."""
+    values = image.detach().contiguous().cpu().flatten().view(torch.uint8).numpy().tobytes()
+    return f"{tuple(image.shape)}/{image.dtype}/".encode() + values
+
+
+def sample_noise_seeds(
+    images: torch.Tensor, seed: int = 0, sample_keys: Sequence[int] | torch.Tensor | None = None
+) -> list[int]:
+    """The seed of each sample's SmoothGrad noise generator: a function of ``seed`` and of the sample alone.
+
+    A sample is identified by its key: the caller's ``sample_keys`` entry (e.g. its index in the data set) or, by
+    default, the exact content of the image (shape, dtype and value bytes), never its position in the batch. The
+    same image with the same seed therefore gets the same noise alone, in any batch and at any position, and two
+    different images get independent noise. The generator seed is the first 63 bits of the BLAKE2b hash of
+    ``seed`` and the key.
+
+    Args:
+        images: (B, C, H, W) batch.
+        seed: seed shared by the batch.
+        sample_keys: one integer per sample, or None to key each sample by its content (this copies the batch to
+            the host once).
+
+    Returns:
+        B non-negative seeds, in batch order.
+
+    Raises:
+        ValueError: for a batch that is not 4-D, or ``sample_keys`` that are not B integers.
+    """
+    _check_images(images)
+    if sample_keys is None:
+        keys = [_noise_key(image) for image in images]
+    else:
+        given = torch.as_tensor(sample_keys).reshape(-1)
+        if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool:
+            raise ValueError(f"saliency: sample_keys must be integers, got dtype {given.dtype}")
+        if given.numel() != images.shape[0]:
+            raise ValueError(f"saliency: sample_keys has {given.numel()} entries for a batch of {images.shape[0]}")
+        keys = [f"key/{int(k)}".encode() for k in given.tolist()]
+    digests = (hashlib.blake2b(f"{int(seed)}/".encode() + key, digest_size=8).digest() for key in keys)
+    return [int.from_bytes(d, "little") & (2**63 - 1) for d in digests]
+
+
 def smooth_grad(
     model: nn.Module,
     images: torch.Tensor,
@@ -154,13 +200,16 @@ def smooth_grad(
     guided: bool = False,
     chunk_size: int = 64,
     seed: int = 0,
+    sample_keys: Sequence[int] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SmoothGrad (Smilkov et al. 2017): the mean gradient over ``n_samples`` noisy copies of each image.
 
     The B x ``n_samples`` copies are evaluated in chunks of ``chunk_size`` taken across the whole batch, so a
     small batch with many copies fills each forward as well as a large one. The noise is Gaussian with standard
-    deviation ``noise * (max - min)`` of each image, drawn from a generator seeded with ``seed`` on the images'
-    device: the result is deterministic for a given seed and chunk size.
+    deviation ``noise * (max - min)`` of each image. Each sample draws its copies, one ``randn(C, H, W)`` after
+    the other, from its own generator on the images' device, seeded by :func:`sample_noise_seeds` from ``seed``
+    and the sample's key (its content by default): a sample's map depends on the seed and on the sample alone,
+    not on the rest of the batch, its position in it or the chunk size.
 
     Args:
         model: any ``nn.Module`` returning logits.
@@ -172,12 +221,15 @@ def smooth_grad(
         guided: average guided-backpropagation gradients instead of plain ones.
         chunk_size: copies per forward / backward pass.
         seed: seed of the noise.
+        sample_keys: one integer per sample identifying it (e.g. its index in the data set), or None to key
+            each sample by its content (see :func:`sample_noise_seeds`).
 
     Returns:
         (B, C, H, W) averaged signed gradient.
 
     Raises:
-        ValueError: for invalid ``n_samples``, ``noise`` or ``chunk_size``, or see :func:`input_gradient`.
+        ValueError: for invalid ``n_samples``, ``noise``, ``chunk_size`` or ``sample_keys``, or see
+            :func:`input_gradient`.
     """
     _check_images(images)
     if n_samples < 1 or chunk_size < 1 or not noise >= 0.0:
@@ -187,18 +239,24 @@ def smooth_grad(
         )
     batch = images.shape[0]
     idx = _class_index(class_index, batch, images.device)
+    generators = [
+        torch.Generator(device=images.device).manual_seed(s) for s in sample_noise_seeds(images, seed, sample_keys)
+    ]
     if idx is None:
         with torch.no_grad():
             idx = target_class(model(images))
     flat = images.detach().flatten(1)
     sigma = (noise * (flat.amax(1) - flat.amin(1))).view(-1, 1, 1, 1)
-    generator = torch.Generator(device=images.device).manual_seed(seed)
     owner = torch.arange(batch, device=images.device).repeat_interleave(n_samples)
+    owners = owner.tolist()
     total = torch.zeros_like(images, dtype=torch.promote_types(images.dtype, torch.float32))
     for start in range(0, owner.numel(), chunk_size):
         rows = owner[start : start + chunk_size]
-        eps = torch.randn(
-            (rows.numel(), *images.shape[1:]), generator=generator, device=images.device, dtype=images.dtype
+        eps = torch.stack(
+            [
+                torch.randn(images.shape[1:], generator=generators[i], device=images.device, dtype=images.dtype)
+                for i in owners[start : start + chunk_size]
+            ]
         )
         _, grad = input_gradient(model, images.detach()[rows] + sigma[rows] * eps, idx[rows], guided=guided)
         total.index_add_(0, rows, grad.to(total.dtype))
@@ -216,6 +274,7 @@ def saliency_map(
     noise: float = 0.15,
     chunk_size: int = 64,
     seed: int = 0,
+    sample_keys: Sequence[int] | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One non-negative (B, 1, H, W) saliency map per sample from an interchangeable source.
 
@@ -233,6 +292,8 @@ def saliency_map(
         noise: SmoothGrad noise level (fraction of each image's value range).
         chunk_size: SmoothGrad copies per pass.
         seed: SmoothGrad noise seed.
+        sample_keys: SmoothGrad: one integer per sample identifying it, or None to key each sample's noise by
+            its content (see :func:`sample_noise_seeds`); ignored by the other sources.
 
     Returns:
         ``(logits, saliency)``: detached logits of the clean images (B, num_classes) and (B, 1, H, W) maps.
@@ -264,5 +325,6 @@ def saliency_map(
             guided=source == "smoothgrad_guided",
             chunk_size=chunk_size,
             seed=seed,
+            sample_keys=sample_keys,
         )
     return logits.detach(), grad.abs().amax(1, keepdim=True)

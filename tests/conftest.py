@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# Under pytest-xdist (`make test` runs one worker per core) each worker, and every process it starts, gets one
+# compute thread: two workers with two torch threads each would oversubscribe a 2-core machine.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+
 from pathlib import Path
 from typing import Any
 

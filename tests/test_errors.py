@@ -166,3 +166,90 @@ def test_every_bundle_reports_a_mistyped_dataset_dir_in_one_line(bundle: str, tm
     assert report is not None, raised.value
     lines = report.splitlines()
     assert len(lines) <= MAX_LINES and str(missing) in lines[-1] and "not found" in lines[-1], report
+
+
+WORKER_SCRIPT = """
+import sys
+import numpy as np
+from monai.data import DataLoader, Dataset
+from PIL import Image
+from tqdm import tqdm
+import medgain
+from medgain.transforms import LoadFramed
+
+folder = sys.argv[1]
+rng = np.random.default_rng(0)
+for name in ("a.png", "b.png", "c.png"):
+    Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(f"{folder}/{name}")
+data = open(f"{folder}/c.png", "rb").read()
+open(f"{folder}/c.png", "wb").write(data[: data.index(b"IDAT") + 30])  # header reads, pixels do not
+items = [{"image": f"{folder}/{name}"} for name in ("a.png", "b.png", "c.png", "a.png")]
+bar = tqdm(total=len(items))  # still open when the error comes, as ignite's ProgressBar leaves it
+for batch in DataLoader(Dataset(items, LoadFramed()), batch_size=1, num_workers=2):
+    bar.update()
+"""
+
+
+def _worker_error(tmp_path: Path, transform) -> BaseException:
+    """What a DataLoader with two workers raises in the main process when ``transform`` fails on an item."""
+    from monai.data import DataLoader, Dataset
+
+    items = [{"image": str(tmp_path / name)} for name in ("a.png", "b.png", "c.png")]
+    return _caught(lambda: [b for b in DataLoader(Dataset(items, transform), batch_size=1, num_workers=2)])
+
+
+def _corrupt_png(path: Path) -> Path:
+    from PIL import Image
+
+    Image.fromarray(torch.randint(0, 255, (40, 40, 3), dtype=torch.uint8).numpy()).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: data.index(b"IDAT") + 30])
+    return path
+
+
+def test_error_raised_in_a_dataloader_worker_ends_in_one_line(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from monai.transforms import Compose
+
+    from medgain.transforms import LoadFramed
+
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    for name in ("a.png", "b.png", "c.png"):
+        _corrupt_png(tmp_path / name)
+    raised = _worker_error(tmp_path, Compose([LoadFramed()]))
+    assert "in DataLoader worker process" in str(raised)  # torch's re-raise, the whole worker traceback inside
+    for error in (raised, _wrapped(raised)):
+        report = short_report(error)
+        assert report is not None, error
+        lines = report.splitlines()
+        assert lines[-1] == f"ValueError: {tmp_path / 'a.png'}: cannot decode image (image file is truncated)"
+        assert "medgain/transforms/io.py" in report and "in DataLoader worker process" in report
+        assert len(lines) <= MAX_LINES and "Traceback" not in report
+    rebuilt = own_error(raised)
+    assert type(rebuilt) is ValueError and str(rebuilt) == lines[-1].removeprefix("ValueError: ")
+    monkeypatch.setenv(TRACEBACK_ENV, "1")
+    assert short_report(raised) is None
+
+
+def test_bug_raised_in_a_dataloader_worker_keeps_its_traceback(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+
+    def broken(item: dict) -> dict:
+        return {"image": torch.zeros(2).view(3)}  # a ValueError raised inside torch: a bug, not bad input
+
+    assert short_report(_worker_error(tmp_path, broken)) is None
+
+
+def test_worker_error_reaches_the_excepthook_in_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop(TRACEBACK_ENV, None)
+    proc = subprocess.run([sys.executable, "-c", WORKER_SCRIPT, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    lines = proc.stderr.rstrip().splitlines()
+    assert proc.returncode == 1 and len(lines) <= MAX_LINES and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[-1] == f"ValueError: {tmp_path / 'c.png'}: cannot decode image (image file is truncated)"
+    env[TRACEBACK_ENV] = "1"
+    full = subprocess.run([sys.executable, "-c", WORKER_SCRIPT, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert "Caught RuntimeError in DataLoader worker process" in full.stderr

@@ -96,3 +96,87 @@ def test_wheel_is_built_outside_the_checkout(tmp_path: Path, monkeypatch: pytest
 
 def test_mlruns_is_ignored() -> None:
     assert "mlruns/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+@pytest.mark.parametrize(
+    ("argv", "label", "total"),
+    [
+        (["capsule", "--n-frames", "20", "--size", "32"], "synthetic capsule frames", 20),
+        (["patterns", "--kind", "pattern2", "--rgb", "--size", "32", "--n-images", "20"],
+         "synthetic pattern2 images", 20),
+        (["dermoscopy", "--n-images", "10", "--min-size", "32", "--max-size", "40"], "synthetic dermoscopy images", 10),
+    ],
+)
+def test_data_generation_shows_progress(
+    argv: list[str], label: str, total: int, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # issue 23 §1: `make demo` sat silent while it generated its data; every generator the demos call reports
+    # each tenth of the work on stderr, and its standard output stays as it was
+    from medgain.cli import main
+
+    assert main(["synth", *argv, "--seed", "0", "--out", str(tmp_path / "data")]) == 0
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith(f"{label}: ")]
+    done = [int(re.match(rf"{label}: (\d+) / {total} \((\d+) %\), \d+ s$", line).group(1)) for line in lines]
+    assert done == [total * k // 10 for k in range(1, 11)]
+    assert label not in captured.out
+
+
+def test_print_progress_prints_each_step_once() -> None:
+    import io
+
+    from medgain.synth.progress import print_progress
+
+    stream = io.StringIO()
+    progress = print_progress("frames", steps=4, stream=stream)
+    for done in range(1, 8):
+        progress(done, 7)
+    assert [line.split(" (")[0] for line in stream.getvalue().splitlines()] == [
+        "frames: 2 / 7", "frames: 4 / 7", "frames: 6 / 7", "frames: 7 / 7"
+    ]
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        print_progress("frames", steps=0)
+
+
+def test_demo_settings_are_the_documented_ones() -> None:
+    # issue 23 §1: the README quotes what `make demo` runs and how long it takes; the CLI, the library and the
+    # docs must not drift apart when the settings are tuned
+    import inspect
+
+    from medgain.cli import build_parser
+    from medgain.demo import run_capsule_demo
+
+    cli = vars(build_parser().parse_args(["demo"]))
+    library = {k: p.default for k, p in inspect.signature(run_capsule_demo).parameters.items() if k != "out"}
+    assert {k: cli[k] for k in library} == library
+    readme = (ROOT / "README.md").read_text()
+    quoted = (f"{library['n_frames']} synthetic frames of {library['frame_size']}²",
+              f"`{library['network']}` at {library['image_size']}², {library['max_epochs']} epochs")
+    for text in quoted:
+        assert text in readme, text
+    makefile = (ROOT / "Makefile").read_text()
+    glimpse_doc = (ROOT / "bundles" / "glimpse_attention" / "docs" / "README.md").read_text()
+    size = re.search(r"synth patterns .*--size (\d+) --n-images (\d+)", makefile)
+    epochs = re.search(r"\$\(GLIMPSE_RUN\) --run_id training .*--max_epochs (\d+)", makefile)
+    assert f"pattern2, {size.group(1)}², 3-channel, {size.group(2)} images" in glimpse_doc
+    assert f"{epochs.group(1)} epochs of training" in glimpse_doc
+
+
+def test_glimpse_training_batches_are_plain_tensors(tmp_path: Path) -> None:
+    # issue 23 §1: the random flips returned MONAI MetaTensors, whose bookkeeping on every small op of the
+    # recurrent glimpse model cost about a third of a training step
+    import torch
+    from monai.bundle import ConfigParser
+    from monai.data import MetaTensor
+
+    from medgain.synth.patterns import make_pattern_dataset
+
+    make_pattern_dataset(tmp_path / "data", "pattern2", 3, seed=0, size=32, rgb=True)
+    configs = ROOT / "bundles" / "glimpse_attention" / "configs"
+    parser = ConfigParser()
+    parser.read_config(str(configs / "train.yaml"))
+    parser.read_meta(str(configs / "metadata.json"))
+    parser.update({"bundle_root": str(tmp_path / "run"), "dataset_dir": str(tmp_path / "data"), "image_size": 32})
+    item = parser.get_parsed_content("train#dataset")[0]
+    for key in ("image", "mask"):
+        assert isinstance(item[key], torch.Tensor) and not isinstance(item[key], MetaTensor), key

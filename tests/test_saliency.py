@@ -9,7 +9,14 @@ from conftest import TinyNet
 from torch import nn
 
 from medgain.networks import TARGET_LAYERS, build_classifier
-from medgain.saliency import guided_backprop, input_gradient, saliency_map, smooth_grad
+from medgain.saliency import (
+    SALIENCY_SOURCES,
+    guided_backprop,
+    input_gradient,
+    saliency_map,
+    sample_noise_seeds,
+    smooth_grad,
+)
 
 TARGETS = torch.tensor([0, 2, 1, 2])
 
@@ -82,9 +89,11 @@ def test_no_side_effects(net: nn.Module, batch: torch.Tensor) -> None:
 
 
 def test_smoothgrad_averages_noisy_copies(net: nn.Module, batch: torch.Tensor) -> None:
+    """Copy j of sample i is the image plus the j-th ``randn(C, H, W)`` of the sample's own generator."""
     n, noise, seed = 3, 0.2, 5
     ours = smooth_grad(net, batch, TARGETS, n_samples=n, noise=noise, guided=True, chunk_size=64, seed=seed)
-    eps = torch.randn((4 * n, 3, 16, 16), generator=torch.Generator().manual_seed(seed))
+    generators = [torch.Generator().manual_seed(s) for s in sample_noise_seeds(batch, seed)]
+    eps = torch.stack([torch.randn((3, 16, 16), generator=g) for g in generators for _ in range(n)])
     span = batch.flatten(1).amax(1) - batch.flatten(1).amin(1)
     noisy = batch.repeat_interleave(n, 0) + noise * span.repeat_interleave(n).view(-1, 1, 1, 1) * eps
     per_copy = GuidedBackprop(net).attribute(noisy, target=TARGETS.repeat_interleave(n))
@@ -92,6 +101,39 @@ def test_smoothgrad_averages_noisy_copies(net: nn.Module, batch: torch.Tensor) -
     again = smooth_grad(net, batch, TARGETS, n_samples=n, noise=noise, guided=True, seed=seed)
     assert torch.equal(ours, again)
     assert not torch.equal(ours, smooth_grad(net, batch, TARGETS, n_samples=n, noise=noise, guided=True, seed=6))
+
+
+def test_every_source_gives_a_sample_the_same_map_in_any_batch(net: nn.Module, batch: torch.Tensor) -> None:
+    """Alone, in a batch of 4 and at another position of a reordered batch, with SmoothGrad chunks that straddle
+    samples: the same map (up to float differences of batched convolutions)."""
+    order = torch.tensor([2, 0, 3, 1])
+    options = {"target_layer": TARGET_LAYERS["small_cnn"], "n_samples": 4, "noise": 0.2, "chunk_size": 3, "seed": 3}
+    for source in SALIENCY_SOURCES:
+        _, batched = saliency_map(net, batch, TARGETS, source, **options)
+        _, reordered = saliency_map(net, batch[order], TARGETS[order], source, **options)
+        tolerance = {"rtol": 1e-4, "atol": 1e-5 * float(batched.max())}
+        torch.testing.assert_close(reordered, batched[order], **tolerance, msg=f"{source}: reordered batch")
+        for i in range(4):
+            _, alone = saliency_map(net, batch[i : i + 1], TARGETS[i : i + 1], source, **options)
+            torch.testing.assert_close(alone, batched[i : i + 1], **tolerance, msg=f"{source}: sample {i} alone")
+
+
+def test_smoothgrad_noise_is_keyed_by_the_sample(net: nn.Module, batch: torch.Tensor) -> None:
+    """The noise follows the image (or the caller's key), not the batch position or the chunking."""
+    twice = torch.cat([batch[:1], batch[1:2], batch[:1]])
+    seeds = sample_noise_seeds(twice, 4)
+    assert seeds[0] == seeds[2] != seeds[1] and seeds[0] == sample_noise_seeds(batch[:1], 4)[0]
+    assert sample_noise_seeds(batch[:1], 5) != seeds[:1] and all(0 <= s < 2**63 for s in seeds)
+    maps = smooth_grad(net, twice, 1, n_samples=3, chunk_size=2, seed=4)
+    torch.testing.assert_close(maps[0], maps[2], rtol=1e-5, atol=1e-9)
+    by_chunk = [smooth_grad(net, batch, TARGETS, n_samples=3, chunk_size=c, seed=4) for c in (1, 5, 64)]
+    for other in by_chunk[1:]:
+        torch.testing.assert_close(other, by_chunk[0], rtol=1e-5, atol=1e-9)
+    keyed = smooth_grad(net, batch, TARGETS, n_samples=3, seed=4, sample_keys=[10, 11, 12, 13])
+    alone = smooth_grad(net, batch[2:3], TARGETS[2:3], n_samples=3, seed=4, sample_keys=torch.tensor([12]))
+    torch.testing.assert_close(alone, keyed[2:3], rtol=1e-5, atol=1e-9)
+    assert not torch.allclose(keyed, by_chunk[0])  # caller keys replace the content keys
+    assert sample_noise_seeds(batch[:1], 4, [12]) == sample_noise_seeds(batch[2:3], 4, [12])
 
 
 def test_smoothgrad_chunks_cover_every_copy(net: nn.Module, batch: torch.Tensor) -> None:
@@ -128,5 +170,9 @@ def test_errors(net: nn.Module, batch: torch.Tensor) -> None:
         input_gradient(net, batch, [0, 1, 2])
     with pytest.raises(ValueError, match="n_samples"):
         smooth_grad(net, batch, n_samples=0)
+    with pytest.raises(ValueError, match="sample_keys has 3 entries for a batch of 4"):
+        smooth_grad(net, batch, sample_keys=[0, 1, 2])
+    with pytest.raises(ValueError, match="sample_keys must be integers"):
+        saliency_map(net, batch, source="smoothgrad", sample_keys=[0.5, 1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         input_gradient(net, batch[0])

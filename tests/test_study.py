@@ -231,3 +231,52 @@ def test_study_file_refuses_repeated_keys_and_unknown_names(tmp_path: Path) -> N
     bad = _study_file(tmp_path, configs={"x": {"am_wieght": 1}}, reference="x")
     with pytest.raises(ValueError, match=r"configuration 'x' sets \['am_wieght'\]"):
         load_study(bad)
+
+
+def test_data_variants_cross_every_method_with_every_data_set(tmp_path: Path) -> None:
+    path = _study_file(tmp_path, data_variants={"clean": {"shortcut_rate": 0.0}, "confounded": {"shortcut_rate": 0.8}},
+                       gap=["no_gain@confounded", "no_gain@clean"], marker_probe=True)
+    spec = load_study(path)
+    # in the order of the file
+    assert spec.methods == ["ex", "no_gain"] and list(spec.variants) == ["clean", "confounded"]
+    assert list(spec.configs) == ["ex@clean", "ex@confounded", "no_gain@clean", "no_gain@confounded"]
+    assert len(spec.runs()) == 8 and spec.marker_probe and spec.checkpoint == "models/model.pt"
+    assert spec.split_config("ex@confounded") == ("ex", "confounded")
+    assert spec.reference_of("ex@confounded") == "no_gain@confounded"
+    assert spec.training_overrides(RunKey("ex@clean", 0, 1))["masks_fraction"] == 0.5
+    # the variant's options on top of the study's, and a configuration's own data options on top of both
+    assert spec.synth_args("no_gain@confounded")["shortcut_rate"] == 0.8
+    assert spec.synth_args("ex@clean")["shortcut_rate"] == 1.0
+    assert spec.synth_args("no_gain@clean")["shortcut_rate"] == 0.0
+    # one data set per distinct set of options: the two methods share the clean and the confounded one
+    sets = {spec.dataset_dir(0, c) for c in spec.configs}
+    assert len(sets) == 3 and spec.dataset_dir(0, "no_gain@clean") != spec.dataset_dir(0, "no_gain@confounded")
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"data_variants": {"clean": {}}}, "'data_variants' must map two or more variant names"),
+    ({"data_variants": {"clean": {}, "bad name": {}}}, "data variant name 'bad name'"),
+    ({"data_variants": {"clean": {}, "confounded": [1]}}, "data variant 'confounded' must be a mapping"),
+    ({"data_variants": {"clean": {}, "confounded": {}}, "data": {"dataset_dir": "."}}, "'data_variants' needs"),
+    ({"marker_probe": "yes"}, "'marker_probe' must be true or false"),
+    ({"marker_probe": True, "data": {"synth": "dermoscopy"}}, "'marker_probe' needs 'data: {synth: capsule}'"),
+    ({"checkpoint": "/abs/model.pt"}, "'checkpoint' must be a model file path relative"),
+    ({"data_variants": {"clean": {}, "confounded": {}}, "gap": ["no_gain", "ex"]}, "'gap' must name two"),
+])
+def test_bad_variants_and_probe_options_are_named(tmp_path: Path, extra: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=r"study.yaml: " + message.replace("(", r"\(").replace("{", r"\{")):
+        load_study(_study_file(tmp_path, **extra))
+
+
+def test_the_shortcut_study_file_is_the_redone_design() -> None:
+    spec = load_study(Path(__file__).parents[1] / "pipelines" / "study" / "capsule_shortcut.yaml")
+    assert list(spec.variants) == ["clean", "confounded"] and spec.marker_probe
+    assert len(spec.seeds) >= 3 and len(spec.data_seeds) >= 3
+    for config in spec.configs:  # validation and test are clean in both variants
+        assert spec.synth_args(config)["shortcut_splits"] == ["training"]
+    settings = {m: spec.configs[f"{m}@clean"] for m in spec.methods}
+    ex_only = [s for s in settings.values() if s["ex_weight"] and not s["am_weight"]]
+    assert {s["masks_fraction"] for s in ex_only} == {0.1, 0.3, 1.0}
+    am_only = [s for s in settings.values() if s["am_weight"] and not s["ex_weight"]]
+    assert {(s["grad_magnitude"], "area_bounds" in s) for s in am_only} == {
+        (1.0, False), (math.inf, False), (1.0, True), (math.inf, True)}

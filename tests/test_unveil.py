@@ -17,6 +17,8 @@ from torch import nn
 from medgain.cli import build_parser, main
 from medgain.metrics import equal_area_mask, unveil_counts, unveil_recall
 from medgain.model_file import ModelSpec, build_network, spec_from_config
+from medgain.networks import TARGET_LAYERS, build_classifier
+from medgain.saliency import SALIENCY_SOURCES
 from medgain.synth import make_capsule_dataset, make_capsule_frame, make_capsule_frame_lesions
 from medgain.unveil import Unveiler, smooth_mask, target_probability, unveil
 
@@ -141,6 +143,36 @@ def test_mean_fill_and_equal_to_alone() -> None:
     erased = torch.where(hidden, mean, images[1, 0])
     expected = target_probability(model(erased[None, None]), torch.tensor([1]))
     assert batched[1].probabilities[-1] == pytest.approx(float(expected[0]))
+
+
+@pytest.mark.parametrize("source", SALIENCY_SOURCES)
+def test_unveil_alone_equals_inside_a_batch_for_every_source(source: str) -> None:
+    """An image unveiled alone gets the same hidden pixels, steps and scores as inside a batch of 4, whatever its
+    position, with the default content keys and with caller keys (SmoothGrad chunks straddle samples)."""
+    torch.manual_seed(0)
+    model = build_classifier("small_cnn", num_classes=2).eval()
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    options = {"source": source, "steps": 4, "prob_threshold": 0.3, "kernel_size": 3, "threshold": 0.4,
+               "target_layer": TARGET_LAYERS["small_cnn"], "n_samples": 4, "chunk_size": 3}
+    keys, order = torch.tensor([40, 41, 42, 43]), [3, 1, 0, 2]
+
+    def check(alone: list, batch: list) -> None:
+        for i, (one, many) in enumerate(zip(alone, batch)):
+            assert torch.equal(one.cumulative, many.cumulative), f"{source}: hidden pixels of sample {i}"
+            assert (one.steps, one.stop_reason) == (many.steps, many.stop_reason)
+            assert all(torch.equal(a, b) for a, b in zip(one.masks, many.masks))
+            assert one.scores == pytest.approx(many.scores, rel=1e-4, abs=1e-5)
+
+    batched = unveil(model, images, **options)
+    assert sum(r.steps for r in batched) > 0
+    check([unveil(model, images[i : i + 1], **options)[0] for i in range(4)], batched)
+    keyed = unveil(model, images, **options, sample_keys=keys)
+    alone_keyed = [unveil(model, images[i : i + 1], **options, sample_keys=[int(keys[i])])[0] for i in range(4)]
+    check(alone_keyed, keyed)
+    reordered = unveil(model, images[order], **options, sample_keys=keys[order])
+    check([alone_keyed[i] for i in order], reordered)
+    with pytest.raises(ValueError, match="sample_keys has 3 entries for a batch of 4"):
+        unveil(model, images, **options, sample_keys=[0, 1, 2])
 
 
 def test_unveiler_from_config_and_errors() -> None:

@@ -121,6 +121,7 @@ def test_maps_lesions_scores_and_froc(slides, maps):
     hits = [truth[int(les["y"]), int(les["x"])] for les in t_maps.lesions]
     assert hits[0]
     dets = [np.array([[r["x"], r["y"], r["log_odds"]] for r in m.lesions]).reshape(-1, 3) for m in (t_maps, n_maps)]
+    dets[1] = np.array([[0.0, 0.0, -20.0]])  # a low false positive: the official curve leaves the lowest score out
     result = froc(dets, [_raster(tumour.tumours, (512, 512), 4.0), None], [1.0, 1.0], mask_downsample=4.0)
     assert result.n_tumours >= 1 and result.score >= 0.5
     maxima = _inferer(lesion_method="maxima").detect_lesions(t_maps.probability, t_maps.log_odds, t_maps.meta)
@@ -178,6 +179,8 @@ def test_run_inference_outputs_errors_and_resume(slides, maps, tmp_path):
         {"slide": "normal", "label": 0, "annotation": ""},
         {"slide": "flat", "label": 0, "annotation": ""},
     ]
+    with (out / "normal" / "lesions.csv").open("a") as fh:  # a low false positive: the official FROC curve
+        fh.write("0,0,0.0,-20.0,1\n")  # leaves the lowest score out, which would otherwise be the tumour's hit
     metrics = evaluate_inference(out, table, mask_downsample=8.0)
     assert metrics["slide_auc"] == 1.0 and metrics["n_missing"] == 1 and metrics["n_slides"] == 2
     assert metrics["froc"] >= 0.5 and metrics["n_tumours"] >= 1 and "froc_sensitivity_at_0.25" in metrics

@@ -49,14 +49,14 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="synthetic capsule data, GAIN training and evaluation through monai.bundle run",
         description="Generate a small synthetic capsule-endoscopy data set, train the capsule bundle with GAIN "
-        "and evaluate it on the test split (CPU: a few minutes), all tracked in a SQLite MLflow store.",
+        "and evaluate it on the test split (CPU: about 4 minutes), all tracked in a SQLite MLflow store.",
     )
     add = demo.add_argument
     add("--out", type=Path, default=Path("demo_out"), help="output directory (default: %(default)s)")
     add("--n-frames", type=bounded(int, 100), default=900, help="synthetic frames (default: %(default)s)")
-    add("--frame-size", type=bounded(int, 32), default=128, help="synthetic frame size (default: %(default)s)")
-    add("--image-size", type=bounded(int, 32), default=96, help="network input size (default: %(default)s)")
-    add("--max-epochs", type=bounded(int, 1), default=16, help="training epochs (default: %(default)s)")
+    add("--frame-size", type=bounded(int, 32), default=96, help="synthetic frame size (default: %(default)s)")
+    add("--image-size", type=bounded(int, 32), default=64, help="network input size (default: %(default)s)")
+    add("--max-epochs", type=bounded(int, 1), default=14, help="training epochs (default: %(default)s)")
     add("--network", default="small_cnn", help="registry name of the classifier (default: %(default)s)")
     add("--seed", type=bounded(int, 0), default=0, help="random seed (default: %(default)s)")
     demo.set_defaults(func=_run_demo)

@@ -12,6 +12,7 @@ from medgain.cli._args import Fractions, bounded
 
 def _run_synth_capsule(args: argparse.Namespace) -> int:
     from medgain.synth.capsule import make_capsule_dataset
+    from medgain.synth.progress import print_progress
 
     datalist_path = make_capsule_dataset(
         args.out,
@@ -25,6 +26,7 @@ def _run_synth_capsule(args: argparse.Namespace) -> int:
         split_fractions=args.split_fractions,
         lesions_per_frame=args.lesions_per_frame,
         shortcut_splits=args.shortcut_splits,
+        progress=print_progress("synthetic capsule frames"),
     )
     print(datalist_path)
     for name, items in json.loads(datalist_path.read_text()).items():
@@ -37,6 +39,7 @@ def _run_synth_capsule(args: argparse.Namespace) -> int:
 
 def _run_synth_patterns(args: argparse.Namespace) -> int:
     from medgain.synth.patterns import make_pattern_dataset
+    from medgain.synth.progress import print_progress
 
     datalist_path = make_pattern_dataset(
         args.out,
@@ -48,6 +51,7 @@ def _run_synth_patterns(args: argparse.Namespace) -> int:
         field_size=args.field_size,
         prevalence=args.prevalence,
         split_fractions=args.split_fractions,
+        progress=print_progress(f"synthetic {args.kind} images"),
     )
     print(datalist_path)
     for name, items in json.loads(datalist_path.read_text()).items():
@@ -86,6 +90,7 @@ def _add_synth_patterns_parser(commands: argparse._SubParsersAction) -> None:
 
 def _run_synth_dermoscopy(args: argparse.Namespace) -> int:
     from medgain.synth.dermoscopy import make_dermoscopy_dataset
+    from medgain.synth.progress import print_progress
 
     csv_path = make_dermoscopy_dataset(
         args.out,
@@ -96,6 +101,7 @@ def _run_synth_dermoscopy(args: argparse.Namespace) -> int:
         images_per_patient=args.images_per_patient,
         min_size=args.min_size,
         max_size=args.max_size,
+        progress=print_progress("synthetic dermoscopy images"),
     )
     summary = json.loads((csv_path.parent / "dataset.json").read_text())
     print(csv_path)
@@ -149,6 +155,7 @@ def _run_synth_wsi(args: argparse.Namespace) -> int:
         tumour_rate=args.tumour_rate,
         mpp=args.mpp,
         compression=args.compression,
+        difficulty=args.difficulty,
     )
     print(labels)
     with labels.open() as fh:
@@ -173,6 +180,14 @@ def _add_synth_wsi_parser(commands: argparse._SubParsersAction) -> None:
     add("--tumour-rate", type=bounded(float, 0.0, 1.0), default=0.5, help="fraction of tumour slides (default: %(default)s)")
     add("--mpp", type=bounded(float, 0.01), default=0.5, help="microns per pixel at level 0 (default: %(default)s)")
     add("--compression", choices=["jpeg", "deflate"], default="jpeg", help="tile compression (default: %(default)s)")
+    add(
+        "--difficulty",
+        choices=["standard", "hard"],
+        default="standard",
+        help="standard: one large tumour region per tumour slide, uniform stain (the demo's data); hard: "
+        "metastases from ITC to macro size, per-slide stain and scanner variation, folds, pen marks, blur and "
+        "tumour-like normal structures (default: %(default)s)",
+    )
     wsi.set_defaults(func=_run_synth_wsi)
 
 

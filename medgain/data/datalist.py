@@ -186,17 +186,24 @@ def apply_mask_budget(
 
 
 def scan_folder(
-    input_dir: str | os.PathLike, extensions: Sequence[str] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+    input_dir: str | os.PathLike,
+    extensions: Sequence[str] = (".png", ".jpg", ".jpeg", ".dcm", ".dicom"),
+    decode: bool = True,
 ) -> tuple[list[dict], list[dict]]:
-    """List the image frames under a folder for inference, probing every file by decoding it once.
+    """List the image frames under a folder for inference, probing every file once.
 
     Args:
         input_dir: folder searched recursively.
         extensions: file suffixes to include (case-insensitive).
+        decode: True: decode every frame, so a file whose pixels cannot be read is listed in ``errors``. False:
+            read headers only (:func:`medgain.transforms.io.count_frames`: no pixel decoded, frames counted from
+            the header), several times faster; a file with a readable header and corrupt pixels is then listed in
+            ``items``, and its loader must refuse it (:class:`medgain.transforms.LoadFramed` with ``refused_key``).
 
     Returns:
         ``(items, errors)``: ``items`` are ``{"image": path, "frame": i}``, one per frame, in sorted path order;
-        ``errors`` are ``{"file": path, "reason": message}`` for every file that cannot be read.
+        ``errors`` are ``{"file": path, "reason": message}`` for every file that cannot be read (its header, or
+        with ``decode``, its pixels).
 
     Raises:
         NotADirectoryError: when ``input_dir`` is not a folder.
@@ -210,7 +217,7 @@ def scan_folder(
     errors: list[dict] = []
     for file in files:
         try:
-            n_frames = sum(1 for _ in iter_frames(file))
+            n_frames = sum(1 for _ in iter_frames(file)) if decode else count_frames(file)
         except (ValueError, OSError) as err:
             errors.append({"file": str(file), "reason": str(err)})
             continue

@@ -125,6 +125,10 @@ class GAINHandler:
             are multiplied by 1/m, those through the attention path are untouched; ``inf`` switches them off.
         freeze_bn_on_erased: BatchNorm uses running statistics (and does not update them) on the erased images.
         cam_weights_grad: differentiate through the Grad-CAM channel weights too (second-order graph).
+        cam_negative_slope: slope of the training cam below zero (a leaky ReLU; 0 is Grad-CAM's ReLU). With 0, a
+            cam positive at a single location is normalised to the same fixed blob whatever the weights, and no
+            loss on it has a gradient (the location's value divided by itself, the rest cut by the ReLU), so extra
+            supervision cannot move it (docs/evidence.md, "Shortcut"). A small slope (e.g. 0.01) keeps gradients.
         fill: erase fill, a scalar or per-channel colour (e.g. the mean lesion colour).
         mask_key: batch key of the lesion masks.
         has_mask_key: batch key of the per-sample "mask is real" flags.
@@ -147,6 +151,7 @@ class GAINHandler:
         grad_magnitude: float = 1.0,
         freeze_bn_on_erased: bool = True,
         cam_weights_grad: bool = False,
+        cam_negative_slope: float = 0.0,
         fill: float | Sequence[float] | torch.Tensor = 0.0,
         mask_key: str = "mask",
         has_mask_key: str = "has_mask",
@@ -170,6 +175,9 @@ class GAINHandler:
         self.grad_magnitude = float(grad_magnitude)
         self.freeze_bn_on_erased = freeze_bn_on_erased
         self.cam_weights_grad = cam_weights_grad
+        if not 0.0 <= float(cam_negative_slope) < 1.0:
+            raise ValueError(f"cam_negative_slope must be in [0, 1), got {cam_negative_slope!r}")
+        self.cam_negative_slope = float(cam_negative_slope)
         self.fill = fill
         self.mask_key, self.has_mask_key = mask_key, has_mask_key
         self.multilabel_mode = multilabel_mode
@@ -316,7 +324,8 @@ class GAINHandler:
         if self.multilabel_mode == "all_labels":
             multi_hot = (labels.reshape(logits.shape[0], -1) > 0.5).to(logits.dtype)
             cams = cam_from_activations(
-                activations, (logits * multi_hot).sum(1), size, create_graph=self.cam_weights_grad
+                activations, (logits * multi_hot).sum(1), size, create_graph=self.cam_weights_grad,
+                negative_slope=self.cam_negative_slope,
             )
             samples = torch.arange(logits.shape[0], device=logits.device)
             return normalize_cam(cams), samples, samples.new_zeros(samples.shape)
@@ -328,7 +337,8 @@ class GAINHandler:
             sel = torch.nonzero(slots == slot)[:, 0]
             scores = target_scores(logits[samples[sel]], classes[sel])
             full = logits.new_zeros(logits.shape[0]).index_put((samples[sel],), scores)
-            cam = cam_from_activations(activations, full, size, create_graph=self.cam_weights_grad)
+            cam = cam_from_activations(activations, full, size, create_graph=self.cam_weights_grad,
+                                       negative_slope=self.cam_negative_slope)
             parts.append(cam[samples[sel]])
             order.append(sel)
         cams = torch.cat(parts)[torch.argsort(torch.cat(order))]

@@ -130,7 +130,7 @@ class GlimpsePredictionWriter(PredictionCSVWriter):
         refused = [row for row in self.rows if not math.isfinite(row[2])]
         self.rows = [row for row in self.rows if math.isfinite(row[2])]
         if refused:
-            self._add_errors([row[:5] for row in refused])
+            self._add_errors([self._non_finite(row[0], row[1], row[2]) for row in refused])
         self._write_table(self.output_path, pseudonymise=False)
         if self.mlflow_handler is not None:
             with tempfile.TemporaryDirectory() as tmp:

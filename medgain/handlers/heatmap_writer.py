@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from medgain.attention import normalize_cam
-from medgain.handlers.utils import attach_once, batch_has, require_keys, sample_ids
+from medgain.handlers.utils import attach_once, batch_has, batch_refusals, require_keys, sample_ids
 from medgain.metrics.scores import positive_score, stack_output
 from medgain.model_file import decision_threshold, load_attention_display, load_operating_point
 from medgain.outputs import write_atomic
@@ -69,7 +69,9 @@ class HeatmapWriter:
     (by the writing threads, as any other) and deleted when ``top_k`` higher ones have been seen, so memory stays
     bounded and a long study writes about ``top_k * ln(frames / top_k)`` maps beyond its flagged ones. When the
     engine completes, each study keeps its ``top_k`` highest scores in all (flagged ones included) and its
-    flagged frames. A model without an operating point gets the top-K only (logged as a warning).
+    flagged frames. A model without an operating point gets the top-K only (logged as a warning). A frame the
+    loader refused (``refused_key`` of the batch holds its reason, :class:`~medgain.transforms.LoadFramed`) gets
+    no map with any ``select`` and takes no place in a top-K.
 
     Args:
         output_dir: folder under which ``heatmaps/`` is created.
@@ -88,6 +90,7 @@ class HeatmapWriter:
         pred_key: output key of the logits.
         cam_scale: the Grad-CAM value at the top of the PNG's colour scale, for every frame; None: the scale
             stored in ``checkpoint``, else per frame.
+        refused_key: batch key of the loader's reasons for refusing a frame (``""``: read).
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class HeatmapWriter:
         studies: StudyIndex | None = None,
         pred_key: str = "pred",
         cam_scale: float | None = None,
+        refused_key: str = "refused",
     ) -> None:
         if cam_scale is not None and not cam_scale > 0:
             raise ValueError(f"HeatmapWriter: cam_scale must be a positive number, got {cam_scale!r}")
@@ -135,6 +139,7 @@ class HeatmapWriter:
         self.top_k = top_k
         self.studies = studies
         self.pred_key = pred_key
+        self.refused_key = refused_key
         self.given_scale = cam_scale
         self.cam_scale = cam_scale  # the scale in use: given, or read from the checkpoint by start()
         self._scale_source = "" if cam_scale is None else " (given)"
@@ -196,7 +201,9 @@ class HeatmapWriter:
         self.flush()
         self._delete_evicted()
         names = [f"{self.file_stem(p)}_f{f}" for p, f in ids]
-        keep = self._selected(engine, ids, names) if self.select == "flagged" else set(names)
+        reasons = batch_refusals(engine.state.batch, self.refused_key, len(ids))
+        refused = {name for name, reason in zip(names, reasons) if reason}
+        keep = self._selected(engine, ids, names, refused) if self.select == "flagged" else set(names) - refused
         captions = self._captions(engine, cam.detach().float().cpu())
         frames = [(n, img, c01, shown, text) for n, img, c01, (shown, text) in zip(names, images, cams, captions)
                   if n in keep]
@@ -215,8 +222,9 @@ class HeatmapWriter:
         for future in pending:
             future.result()
 
-    def _selected(self, engine: Engine, ids: list[tuple[str, int]], names: list[str]) -> set[str]:
-        """The names of a batch's frames that ``"flagged"`` writes; updates the per-study top-K."""
+    def _selected(self, engine: Engine, ids: list[tuple[str, int]], names: list[str], refused: set[str]) -> set[str]:
+        """The names of a batch's frames that ``"flagged"`` writes (none of ``refused``); updates the per-study
+        top-K."""
         require_keys(engine.state.output, (self.pred_key,), "HeatmapWriter")
         scores = positive_score(stack_output(engine.state.output, (self.pred_key,))[0]).cpu().tolist()
         if len(scores) != len(ids):
@@ -224,7 +232,7 @@ class HeatmapWriter:
         keep: set[str] = set()
         for (path, _), name, score in zip(ids, names, scores):
             self._seen += 1
-            if not math.isfinite(score):
+            if not math.isfinite(score) or name in refused:
                 continue
             study = self.studies.of(path) if self.studies is not None else ""
             if self.threshold is not None and score >= self.threshold:

@@ -13,7 +13,15 @@ from typing import TYPE_CHECKING
 import torch
 
 from medgain.data.phi import frame_ref
-from medgain.handlers.utils import attach_once, batch_has, class_indices, log_artifact, require_keys, sample_ids
+from medgain.handlers.utils import (
+    attach_once,
+    batch_has,
+    batch_refusals,
+    class_indices,
+    log_artifact,
+    require_keys,
+    sample_ids,
+)
 from medgain.metrics.scores import positive_score, score_to_probability, stack_output
 from medgain.model_file import decision_threshold, load_operating_point
 from medgain.outputs import write_csv_atomic
@@ -36,9 +44,11 @@ class PredictionCSVWriter:
     ``label_key`` (left empty for rows whose batch has none). The threshold is ``threshold``, or the operating
     point of ``checkpoint`` (read when the engine starts). A checkpoint without an operating point gets no
     decisions: the column is left empty and the refusal is logged as an error (scores and probabilities are
-    still written). A frame whose score is not finite (NaN / inf: an input that cannot be read as an image, or a
-    model that diverged) gets no row, no score and no decision: it is added to ``output_dir/errors_filename``
-    (``file, reason``, after the rows already there) and counted in a logged error. Rows are buffered and
+    still written). A frame the loader refused (``refused_key`` of the batch holds its reason:
+    :class:`~medgain.transforms.LoadFramed` could not read it) and a frame whose score is not finite (NaN / inf:
+    an input that cannot be read as an image, or a model that diverged) get no row, no score and no decision:
+    they are added to ``output_dir/errors_filename`` (``file, reason``, after the rows already there, e.g. those
+    of the folder scan) and counted in a logged error. Rows are buffered and
     written at ``Events.COMPLETED`` through a temporary file and a rename (a failed write names the file and
     leaves an earlier file intact), then logged to MLflow when a handler is given. What reaches MLflow names no
     file: the logged copy has a ``ref`` column (the salted pseudonym of the frame,
@@ -55,7 +65,9 @@ class PredictionCSVWriter:
         frame_key: batch key of the frame indices.
         label_key: batch key of the class indices (0 = healthy).
         mlflow_handler: the MONAI ``MLFlowHandler`` owning the run, or None to only write the file.
-        errors_filename: CSV file (in ``output_dir``) that receives the frames refused for a non-finite score.
+        errors_filename: CSV file (in ``output_dir``) that receives the refused frames.
+        refused_key: batch key of the loader's reasons for refusing a frame (``""``: read); a batch without it
+            has no refused frame.
     """
 
     def __init__(
@@ -69,6 +81,7 @@ class PredictionCSVWriter:
         label_key: str = "label",
         mlflow_handler: MLFlowHandler | None = None,
         errors_filename: str = "errors.csv",
+        refused_key: str = "refused",
     ) -> None:
         if (threshold is None) == (checkpoint is None):
             raise ValueError(
@@ -85,7 +98,9 @@ class PredictionCSVWriter:
         self.frame_key = frame_key
         self.label_key = label_key
         self.mlflow_handler = mlflow_handler
+        self.refused_key = refused_key
         self.rows: list[tuple[str, int, float, int | None, int | None]] = []
+        self.refused: list[tuple[str, str]] = []  # (file, reason) of the frames the loader refused
 
     def attach(self, engine: Engine) -> None:
         """Collect rows every iteration of ``engine`` and write them when it completes."""
@@ -98,7 +113,7 @@ class PredictionCSVWriter:
 
     def start(self, engine: Engine | None = None) -> None:
         """Empty the rows and read the checkpoint's threshold (None when the model has no operating point)."""
-        self.rows = []
+        self.rows, self.refused = [], []
         if self.checkpoint is None:
             return
         try:
@@ -108,7 +123,7 @@ class PredictionCSVWriter:
             logger.error("%s No decisions are written; the scores and probabilities are.", err)
 
     def __call__(self, engine: Engine) -> None:
-        """Buffer the rows of one batch."""
+        """Buffer the rows of one batch; set aside the frames the loader refused."""
         batch = engine.state.batch
         ids = sample_ids(batch, self.path_key, self.frame_key, "PredictionCSVWriter")
         require_keys(engine.state.output, ("pred",), "PredictionCSVWriter")
@@ -118,7 +133,11 @@ class PredictionCSVWriter:
         labels: list[int | None] = [None] * len(ids)
         if batch_has(batch, self.label_key):
             labels = class_indices(stack_output(batch, (self.label_key,))[0]).to(torch.int64).tolist()
-        for (path, frame), score, label in zip(ids, scores, labels):
+        reasons = batch_refusals(batch, self.refused_key, len(ids))
+        for (path, frame), score, label, reason in zip(ids, scores, labels, reasons):
+            if reason:
+                self.refused.append((path, f"frame {frame}: {reason}; no score and no decision"))
+                continue
             decision = None if self.threshold is None else int(score >= self.threshold)
             self.rows.append((path, frame, score, decision, label))
 
@@ -128,7 +147,8 @@ class PredictionCSVWriter:
         Raises:
             OSError: naming the file that cannot be written; an earlier file under that name is intact.
         """
-        refused = [row for row in self.rows if not math.isfinite(row[2])]
+        refused = self.refused + [self._non_finite(row[0], row[1], row[2]) for row in self.rows
+                                  if not math.isfinite(row[2])]
         self.rows = [row for row in self.rows if math.isfinite(row[2])]
         if refused:
             self._add_errors(refused)
@@ -140,20 +160,22 @@ class PredictionCSVWriter:
             self._write_csv(logged, pseudonymise=True)
             log_artifact(self.mlflow_handler, logged, None)
 
-    def _add_errors(self, refused: list[tuple[str, int, float, int | None, int | None]]) -> None:
-        """Append the frames with a non-finite score to the errors file (keeping the rows already there)."""
+    @staticmethod
+    def _non_finite(path: str, frame: int, score: float) -> tuple[str, str]:
+        """The errors-file row of a frame whose score is not finite."""
+        return (path, f"frame {frame}: the model's score is not finite ({score}); the input cannot be read as an "
+                "image (or the model diverged): no score and no decision")
+
+    def _add_errors(self, refused: list[tuple[str, str]]) -> None:
+        """Append the refused frames' ``(file, reason)`` rows to the errors file (keeping the rows already there)."""
         earlier: list[list[str]] = []
         if self.errors_path.is_file():
             with self.errors_path.open(newline="") as f:
                 earlier = [[row.get("file", ""), row.get("reason", "")] for row in csv.DictReader(f)]
-        new = [
-            [path, f"frame {frame}: the model's score is not finite ({score}); the input cannot be read as an "
-             "image (or the model diverged): no score and no decision"]
-            for path, frame, score, _, _ in refused
-        ]
-        write_csv_atomic(self.errors_path, ["file", "reason"], earlier + new)
+        write_csv_atomic(self.errors_path, ["file", "reason"], earlier + [list(row) for row in refused])
         logger.error(
-            "%d frame(s) got a non-finite score and no decision; they are listed in %s", len(refused), self.errors_path
+            "%d frame(s) could not be read or got a non-finite score: no score and no decision; they are listed "
+            "in %s", len(refused), self.errors_path,
         )
 
     def _write_csv(self, path: Path, pseudonymise: bool) -> None:

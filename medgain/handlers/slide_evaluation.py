@@ -70,8 +70,9 @@ class SlideEvaluation:
         thumbnail_downsample: downsample of the level the overlays are drawn on.
         mask_downsample: level-0 pixels per pixel of the rasterised tumour masks (FROC).
         fp_rates: false positives per slide at which FROC averages the sensitivity.
-        dilation_um: tumours are dilated by this many microns (Camelyon16: 75).
-        itc_um: tumours shorter than this (isolated tumour cells) are neither hits nor false positives.
+        dilation_um: the Camelyon16 expansion of the tumours (75 µm: regions reach ``dilation_um / 2`` beyond them).
+        itc_um: the Camelyon16 ITC size (200 µm): lesions whose region's major axis is under ``itc_um + dilation_um``
+            are isolated tumour cells, neither hits nor false positives (see :func:`medgain.metrics.froc`).
         resume: keep the finished slides of an interrupted evaluation of the same model.
         checkpoint: model file whose operating point decides the slides; None for none.
     """

@@ -22,6 +22,7 @@ __all__ = [
     "attach_once",
     "attach_per_round",
     "batch_has",
+    "batch_refusals",
     "batch_strings",
     "class_indices",
     "finite_or_none",
@@ -129,6 +130,21 @@ def batch_strings(batch: Any, key: str, owner: str = "batch_strings") -> list[st
     require_keys(batch, (key,), owner)
     values = batch[key] if isinstance(batch, Mapping) else [item[key] for item in batch]
     return [values] if isinstance(values, str) else [str(v) for v in values]
+
+
+def batch_refusals(batch: Any, key: str, size: int) -> list[str]:
+    """Per sample of a batch, why its input could not be read (``""`` when it was read), as
+    :class:`~medgain.transforms.LoadFramed` with ``refused_key`` puts it; all ``""`` when the batch has no ``key``.
+
+    Raises:
+        ValueError: when the batch holds a number of reasons other than ``size``.
+    """
+    if not batch_has(batch, key):
+        return [""] * size
+    reasons = batch_strings(batch, key)
+    if len(reasons) != size:
+        raise ValueError(f"the batch has {len(reasons)} {key!r} entries for {size} samples")
+    return reasons
 
 
 def sample_ids(batch: Any, path_key: str, frame_key: str, owner: str = "sample_ids") -> list[tuple[str, int]]:

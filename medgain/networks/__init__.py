@@ -1,5 +1,6 @@
 """medgain.networks: classifier registry with default Grad-CAM layers, and the recurrent glimpse model."""
 
+from medgain.networks.architectures import ARCHITECTURES, Architecture, register_architecture
 from medgain.networks.chipnet import ChipNet
 from medgain.networks.classifiers import IMAGENET_NORMALIZATION, TARGET_LAYERS, build_classifier, default_normalization
 from medgain.networks.fusion import FusionClassifier, backbone_features
@@ -15,6 +16,9 @@ from medgain.networks.glimpse import (
 )
 
 __all__ = [
+    "ARCHITECTURES",
+    "Architecture",
+    "register_architecture",
     "ChipNet",
     "FusionClassifier",
     "backbone_features",

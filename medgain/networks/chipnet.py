@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from medgain.networks.fusion import backbone_features
+from medgain.networks.architectures import Architecture, register_architecture
 
 __all__ = ["ChipNet"]
 
@@ -73,3 +76,16 @@ class ChipNet(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Logits (B, num_classes) of images (B, C, H, W)."""
         return self.forward_with_attention(image)[0]
+
+
+def _build_chipnet(spec: Any, pretrained_path: str | os.PathLike | None, logits_only: bool) -> nn.Module:
+    """The registry's builder (:data:`medgain.networks.architectures.Builder`)."""
+    return ChipNet(spec.network, spec.chip_size, spec.num_classes, in_channels=spec.in_channels,
+                   pretrained_path=pretrained_path, normalization=spec.normalization)
+
+
+register_architecture("chipnet", Architecture(
+    "encoder.", _build_chipnet,
+    lambda spec: None if isinstance(spec.chip_size, int) and not isinstance(spec.chip_size, bool)
+    and spec.chip_size > 0 else f"a positive chip_size, got {spec.chip_size!r}",
+))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import torch
 import torchvision.models as tvm
 from torch import nn
+from medgain.networks.architectures import Architecture, register_architecture
 
 __all__ = ["IMAGENET_NORMALIZATION", "TARGET_LAYERS", "build_classifier", "default_normalization"]
 
@@ -181,3 +184,12 @@ def build_classifier(
     if normalization is not None:
         _add_input_normalization(net, normalization, in_channels)
     return net
+
+
+def _build_plain(spec: Any, pretrained_path: str | os.PathLike | None, logits_only: bool) -> nn.Module:
+    """The registry's builder (:data:`medgain.networks.architectures.Builder`)."""
+    return build_classifier(spec.network, spec.num_classes, in_channels=spec.in_channels,
+                            pretrained_path=pretrained_path, normalization=spec.normalization)
+
+
+register_architecture("classifier", Architecture("", _build_plain))

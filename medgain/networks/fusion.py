@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from typing import Any
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from medgain.networks.classifiers import TARGET_LAYERS, build_classifier
+from medgain.networks.architectures import Architecture, register_architecture
 
 __all__ = ["FusionClassifier", "backbone_features"]
 
@@ -104,3 +107,18 @@ class FusionClassifier(nn.Module):
                 )
             features = torch.cat([features, self.metadata_branch(vector)], dim=1)
         return self.head(features)
+
+
+def _build_fusion(spec: Any, pretrained_path: str | os.PathLike | None, logits_only: bool) -> nn.Module:
+    """The registry's builder (:data:`medgain.networks.architectures.Builder`)."""
+    from medgain.data.dermoscopy import MetadataEncoder  # the encoder's state gives the metadata width
+
+    return FusionClassifier(spec.network, MetadataEncoder.from_state(spec.metadata_encoder).num_features,
+                            spec.num_classes, in_channels=spec.in_channels, pretrained_path=pretrained_path,
+                            normalization=spec.normalization)
+
+
+register_architecture("fusion", Architecture(
+    "image_branch.", _build_fusion,
+    lambda spec: None if isinstance(spec.metadata_encoder, Mapping) else "metadata_encoder (MetadataEncoder.state())",
+))

@@ -7,13 +7,16 @@ separable Gaussian filter banks (DRAW-style), so classification and location los
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+import os
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from medgain.networks.classifiers import build_classifier
+from medgain.networks.architectures import Architecture, register_architecture
 
 __all__ = [
     "GlimpseLogitsNetwork",
@@ -351,3 +354,16 @@ class GlimpseLogitsNetwork(RecurrentGlimpseNetwork):
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """Logits (B, num_classes) of (B, C, H, W) images."""
         return self.run_glimpses(images).logits
+
+
+def _build_glimpse(spec: Any, pretrained_path: str | os.PathLike | None, logits_only: bool) -> nn.Module:
+    """The registry's builder (:data:`medgain.networks.architectures.Builder`)."""
+    glimpse_class = GlimpseLogitsNetwork if logits_only else RecurrentGlimpseNetwork
+    return glimpse_class(spec.network, spec.num_classes, spec.in_channels, pretrained_path=pretrained_path,
+                         **spec.glimpse)
+
+
+register_architecture("glimpse", Architecture(
+    "encoder.", _build_glimpse,
+    lambda spec: None if isinstance(spec.glimpse, Mapping) else "glimpse (the RecurrentGlimpseNetwork options)",
+))

@@ -6,6 +6,10 @@ each drawn run's test samples with replacement. Metrics that need per-sample val
 locked operating point, TPR at a false-alarm rate) use the run's ``predictions.csv``; attention metrics exist per
 run only (``metrics.json``), so their CI is over runs. Differences are paired: the same runs (seed, data seed)
 and the same test samples are drawn for both configurations.
+
+A study with ``data_variants`` trains every method on each data variant; the report adds each method's penalty
+(a variant minus the first, e.g. confounded minus clean), paired by run and test sample. With ``marker_probe`` it
+adds the marker-reliance probe (:mod:`medgain.study.probe`) per test frame, so its figures resample like AUC.
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from medgain.data import expand_frames, load_datalist
 from medgain.metrics import min_negatives, weighted_auc
+from medgain.model_file import load_checkpoint
+from medgain.study.probe import run_marker_probe
 from medgain.study.runner import RESULT_FILE
-from medgain.study.spec import RunKey, StudySpec
+from medgain.study.spec import VARIANT_SEPARATOR, RunKey, StudySpec
 
 __all__ = [
     "MetricDef",
@@ -32,6 +39,7 @@ __all__ = [
     "bootstrap_mean",
     "bootstrap_paired_difference",
     "load_runs",
+    "probe_metrics",
     "metric_value",
     "study_metrics",
     "write_report",
@@ -49,6 +57,10 @@ class RunData:
         labels: (N,) 0/1 ground truth as floats.
         decisions: (N,) 0/1 decisions at the stored operating point; NaN where the model has none.
         metrics: the evaluation's ``metrics.json``.
+        epoch: the epoch of the shipped model file (None when it does not say).
+        probe: the marker-reliance probe per sample, in the order of ``ids`` (``delta``: marked minus clean
+            log-odds; ``alarm_clean`` / ``alarm_marked``: 0/1 decisions at the shipped threshold, NaN without one;
+            ``marker_attention``), or None.
     """
 
     key: RunKey
@@ -57,6 +69,8 @@ class RunData:
     labels: np.ndarray
     decisions: np.ndarray
     metrics: dict[str, float]
+    epoch: int | None = None
+    probe: dict[str, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         values, self.inverse = np.unique(self.scores, return_inverse=True)
@@ -116,10 +130,39 @@ def _run_metric(name: str) -> Callable[[RunData, np.ndarray], float]:
     return value
 
 
-def study_metrics(split: str = "test", run_metrics: Sequence[str] = ()) -> list[MetricDef]:
+def _probe_mean(key: str, label: int | None) -> Callable[[RunData, np.ndarray], float]:
+    """Weighted mean of a probe column over the samples of a class (None: every sample)."""
+
+    def value(run: RunData, w: np.ndarray) -> float:
+        if run.probe is None:
+            return math.nan
+        weights = w if label is None else w * (run.labels == label)
+        column = run.probe[key]
+        if weights.sum() == 0 or np.isnan(column[weights > 0]).any():
+            return math.nan
+        return float((weights * column).sum() / weights.sum())
+
+    return value
+
+
+def probe_metrics() -> list[MetricDef]:
+    """The marker-reliance probe's figures, per test sample: the mean change of the log-odds of being ill when the
+    marker is burnt into clean frames (normal frames, lesion frames), the false-alarm rate on normal frames at the
+    shipped threshold without and with the marker, and the marked frames' share of attention on the marker."""
+    return [
+        MetricDef("dlogodds_normal", _probe_mean("delta", 0)),
+        MetricDef("dlogodds_lesion", _probe_mean("delta", 1)),
+        MetricDef("false_alarms_clean", _probe_mean("alarm_clean", 0)),
+        MetricDef("false_alarms_marked", _probe_mean("alarm_marked", 0)),
+        MetricDef("marker_attention", _probe_mean("marker_attention", None)),
+    ]
+
+
+def study_metrics(split: str = "test", run_metrics: Sequence[str] = (), marker_probe: bool = False) -> list[MetricDef]:
     """The report's metrics: AUC, sensitivity at the stored operating point, TPR at FPR 0.05 % / 0.1 % (re-tuned
     on the split: optimistic), attention IoU and attention-in-mask, then each of ``run_metrics`` (a per-run figure
-    of ``metrics.json`` named without the split prefix, e.g. ``froc``)."""
+    of ``metrics.json`` named without the split prefix, e.g. ``froc``), then with ``marker_probe`` the
+    :func:`probe_metrics`."""
     return [
         MetricDef("auc", _auc),
         MetricDef("sensitivity", _sensitivity),
@@ -128,6 +171,7 @@ def study_metrics(split: str = "test", run_metrics: Sequence[str] = ()) -> list[
         MetricDef("iou", _run_metric(f"{split}_iou"), per_sample=False),
         MetricDef("attention_in_mask", _run_metric(f"{split}_attention_in_mask"), per_sample=False),
         *(MetricDef(name, _run_metric(f"{split}_{name}"), per_sample=False) for name in run_metrics),
+        *(probe_metrics() if marker_probe else []),
     ]
 
 
@@ -155,10 +199,12 @@ def _relative(file: str, dataset_dir: Path) -> str:
 
 
 def load_runs(spec: StudySpec) -> dict[str, list[RunData]]:
-    """The finished runs of each configuration (runs without ``result.json`` are left out).
+    """The finished runs of each configuration (runs without ``result.json`` are left out), with the shipped
+    model's epoch and, for a study with ``marker_probe``, the probe (computed once per run, then cached).
 
     Raises:
-        ValueError: naming the file when a result or predictions file is malformed.
+        ValueError: naming the file when a result or predictions file is malformed, or when the probe's frames
+            are not the evaluated ones.
     """
     out: dict[str, list[RunData]] = {c: [] for c in spec.configs}
     for key in spec.runs():
@@ -167,10 +213,31 @@ def load_runs(spec: StudySpec) -> dict[str, list[RunData]]:
         if not result_path.is_file():
             continue
         result = json.loads(result_path.read_text())
-        ids, scores, labels, decisions = _read_predictions(folder / result["predictions"],
-                                                           spec.dataset_dir(key.data_seed, key.config))
-        out[key.config].append(RunData(key, ids, scores, labels, decisions, result["metrics"]))
+        dataset_dir = spec.dataset_dir(key.data_seed, key.config)
+        ids, scores, labels, decisions = _read_predictions(folder / result["predictions"], dataset_dir)
+        model_file = folder / spec.checkpoint
+        stored = load_checkpoint(model_file) if model_file.is_file() else {}
+        epoch = stored.get("epoch") if isinstance(stored, dict) else None
+        probe = _probe(spec, folder, dataset_dir, ids) if spec.marker_probe else None
+        out[key.config].append(RunData(key, ids, scores, labels, decisions, result["metrics"],
+                                       None if epoch is None else int(epoch), probe))
     return out
+
+
+def _probe(spec: StudySpec, folder: Path, dataset_dir: Path, ids: list[str]) -> dict[str, np.ndarray]:
+    """The marker probe of a run on its evaluated split, in the order of ``ids``."""
+    items = expand_frames(load_datalist(dataset_dir / "datalist.json", spec.split))
+    probe = run_marker_probe(folder, items, dataset_dir, spec.checkpoint)
+    position = {sample: i for i, sample in enumerate(probe["ids"])}
+    if set(position) != set(ids):
+        raise ValueError(f"{folder / 'marker_probe.json'}: the probe's frames are not those of the evaluation")
+    order = np.array([position[s] for s in ids])
+    clean, marked = np.asarray(probe["score_clean"])[order], np.asarray(probe["score_marked"])[order]
+    threshold = probe["threshold"]
+    alarms = (lambda s: (s >= threshold).astype(np.float64)) if threshold is not None else (
+        lambda s: np.full(s.shape, math.nan))
+    return {"delta": marked - clean, "alarm_clean": alarms(clean), "alarm_marked": alarms(marked),
+            "marker_attention": np.asarray(probe["marker_attention"], dtype=np.float64)[order]}
 
 
 def _percentiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
@@ -333,7 +400,7 @@ def _plots(spec: StudySpec, runs: dict[str, list[RunData]], rows: list[dict[str,
 
     written = []
     configs = [c for c in spec.configs if runs[c]]
-    for metric in study_metrics(spec.split, spec.run_metrics):
+    for metric in study_metrics(spec.split, spec.run_metrics, spec.marker_probe):
         summary = {r["config"]: r for r in rows if r["metric"] == metric.name}
         if all(not math.isfinite(summary[c]["mean"]) for c in configs):
             continue
@@ -406,12 +473,14 @@ def write_report(
     runs = load_runs(spec)
     if not any(runs.values()):
         raise RuntimeError(f"study {spec.path}: no finished run under {spec.output_dir / 'runs'}; run it first")
-    metrics = study_metrics(spec.split, spec.run_metrics)
+    metrics = study_metrics(spec.split, spec.run_metrics, spec.marker_probe)
     summary, differences, per_run = [], [], []
     for config, config_runs in runs.items():
+        reference = spec.reference_of(config)
         for run in config_runs:
             per_run.append({"config": config, "data_seed": run.key.data_seed, "seed": run.key.seed,
-                            "n_test": run.labels.size, "n_negatives": run.n_negatives}
+                            "n_test": run.labels.size, "n_negatives": run.n_negatives,
+                            "shipped_epoch": "" if run.epoch is None else run.epoch}
                            | {m.name: metric_value(m, run) for m in metrics})
         for metric in metrics:
             if not config_runs:
@@ -423,21 +492,25 @@ def write_report(
                 config_runs, metric, n_bootstrap, confidence, seed)
             summary.append({"config": config, "metric": metric.name, "runs": len(config_runs), "mean": mean,
                             "ci_low": low, "ci_high": high, "note": note})
-            if config != spec.reference and runs[spec.reference] and not note.startswith("n/a"):
+            if config != reference and runs[reference] and not note.startswith("n/a"):
                 diff, d_low, d_high, n = bootstrap_paired_difference(
-                    config_runs, runs[spec.reference], metric, n_bootstrap, confidence, seed)
-                differences.append({"config": config, "reference": spec.reference, "metric": metric.name,
+                    config_runs, runs[reference], metric, n_bootstrap, confidence, seed)
+                differences.append({"config": config, "reference": reference, "metric": metric.name,
                                     "pairs": n, "difference": diff, "ci_low": d_low, "ci_high": d_high})
     gaps = _gaps(spec, runs, metrics, n_bootstrap, confidence, seed)
+    penalties = _penalties(spec, runs, metrics, n_bootstrap, confidence, seed)
     _write_csv(out / "summary.csv", summary)
     _write_csv(out / "runs.csv", per_run)
     if differences:
         _write_csv(out / "differences.csv", differences)
     if gaps:
         _write_csv(out / "gap.csv", gaps)
+    if penalties:
+        _write_csv(out / "penalty.csv", penalties)
     plots = _plots(spec, runs, summary, out)
     markdown = out / "study.md"
-    markdown.write_text(_markdown(spec, runs, summary, differences, gaps, plots, n_bootstrap, confidence))
+    text = _markdown(spec, runs, summary, differences, gaps, plots, n_bootstrap, confidence)
+    markdown.write_text(text + _design_markdown(spec, runs, penalties, metrics, confidence))
     _log_report(spec, out)
     return markdown
 
@@ -462,6 +535,101 @@ def _gaps(spec: StudySpec, runs: dict[str, list[RunData]], metrics: list[MetricD
     return rows
 
 
+def _penalties(spec: StudySpec, runs: dict[str, list[RunData]], metrics: list[MetricDef], n_bootstrap: int,
+               confidence: float, seed: int) -> list[dict[str, Any]]:
+    """With ``data_variants``: per method, each variant minus the first (e.g. confounded minus clean), paired by
+    run (data seed, seed) and test sample."""
+    if not spec.variants:
+        return []
+    base, *others = spec.variants
+    rows = []
+    for method in spec.methods:
+        baseline = runs[f"{method}{VARIANT_SEPARATOR}{base}"]
+        for variant in others:
+            variant_runs = runs[f"{method}{VARIANT_SEPARATOR}{variant}"]
+            if not baseline or not variant_runs:
+                continue
+            for metric in metrics:
+                if _note(variant_runs + baseline, metric).startswith("n/a"):
+                    continue
+                diff, low, high, n = bootstrap_paired_difference(variant_runs, baseline, metric, n_bootstrap,
+                                                                 confidence, seed)
+                rows.append({"method": method, "variant": variant, "baseline": base, "metric": metric.name,
+                             "pairs": n, "penalty": diff, "ci_low": low, "ci_high": high})
+    return rows
+
+
+def _marked_frames(spec: StudySpec, runs: dict[str, list[RunData]]) -> list[str]:
+    """Markdown rows: the marked frames per split of each data set the finished runs used (``dataset.json``)."""
+    rows, seen = [], set()
+    for config, config_runs in runs.items():
+        _, variant = spec.split_config(config)
+        for run in config_runs:
+            folder = spec.dataset_dir(run.key.data_seed, config)
+            if folder in seen or not (folder / "dataset.json").is_file():
+                continue
+            seen.add(folder)
+            splits = json.loads((folder / "dataset.json").read_text()).get("splits", {})
+            counts = " | ".join(f"{splits.get(s, {}).get('shortcuts', 'n/a')} / "
+                                f"{splits.get(s, {}).get('frames', 'n/a')}" for s in ("training", "validation", "test"))
+            rows.append(f"| `{variant or config}` | {run.key.data_seed} | {counts} |")
+    return rows
+
+
+def _design_markdown(spec: StudySpec, runs: dict[str, list[RunData]], penalties: list[dict[str, Any]],
+                     metrics: list[MetricDef], confidence: float) -> str:
+    """The sections of a shortcut study: shipped epochs, marked frames per split, the probe, the penalty table."""
+    lines = ["", "## Shipped epochs", "", "The epoch of each run's shipped model file (chosen on validation).", "",
+             "| configuration | epochs (data seed.seed: epoch) |", "| --- | --- |"]
+    for config, config_runs in runs.items():
+        if config_runs:
+            lines.append(f"| `{config}` | " + ", ".join(
+                f"{r.key.data_seed}.{r.key.seed}: {'n/a' if r.epoch is None else r.epoch}" for r in config_runs) + " |")
+    marked = _marked_frames(spec, runs) if spec.data.get("synth") else []
+    if marked:
+        lines += ["", "## Marked frames per split", "",
+                  "Frames carrying the marker / frames, from each data set's `dataset.json`: a clean validation split "
+                  "chooses the checkpoint and the operating point without the marker.", "",
+                  "| data | data seed | training | validation | test |", "| --- | --- | --- | --- | --- |", *marked]
+    if spec.marker_probe:
+        lines += ["", "## Marker-reliance probe", "",
+                  "The marker (`medgain synth capsule --shortcut-rate`) burnt into every clean test frame: "
+                  "`dlogodds_*` is the mean change of the log-odds of being ill (marked minus clean) on normal / "
+                  "lesion frames; `false_alarms_clean` / `false_alarms_marked` the fraction of normal frames at or "
+                  "above the shipped threshold without / with the marker; `marker_attention` the share of the "
+                  "marked frames' Grad-CAM (lesion class) on the marker's pixels"
+                  + _chance(spec, runs) + ". Per-frame values, so their CI resamples runs and frames."]
+    if penalties:
+        names = [m.name for m in metrics]
+        base = next(iter(spec.variants))
+        level = f"{confidence:.0%}"
+        lines += ["", f"## Shortcut penalty per method: variant minus `{base}` ({level} CI)", "",
+                  "Each method trained on each data variant; the same seeds, data seeds and test frames for both.", "",
+                  "| method | variant | pairs | " + " | ".join(names) + " |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
+        for method in spec.methods:
+            for variant in list(spec.variants)[1:]:
+                rows = {r["metric"]: r for r in penalties if r["method"] == method and r["variant"] == variant}
+                if not rows:
+                    continue
+                cells = [f"{rows[n]['penalty']:+.3f} [{rows[n]['ci_low']:+.3f}, {rows[n]['ci_high']:+.3f}]"
+                         if n in rows and math.isfinite(rows[n]["penalty"]) else "n/a" for n in names]
+                lines.append(f"| `{method}` | `{variant}` | {max(r['pairs'] for r in rows.values())} | "
+                             + " | ".join(cells) + " |")
+        lines += ["", "The penalty table as CSV: `penalty.csv`."]
+    return "\n".join(lines) + "\n"
+
+
+def _chance(spec: StudySpec, runs: dict[str, list[RunData]]) -> str:
+    """The marker's share of the input (the ``marker_attention`` of a uniform map), from a run's probe file."""
+    for config_runs in runs.values():
+        for run in config_runs:
+            path = spec.run_dir(run.key) / "marker_probe.json"
+            if path.is_file():
+                return f" (a uniform map: {json.loads(path.read_text())['marker_area']:.3f})"
+    return ""
+
+
 def metric_value(metric: MetricDef, run: RunData) -> float:
     """A metric of one run on all its test samples."""
     return metric.value(run, np.ones(run.labels.size))
@@ -477,7 +645,7 @@ def _markdown(
     n_bootstrap: int,
     confidence: float,
 ) -> str:
-    names = [m.name for m in study_metrics(spec.split, spec.run_metrics)]
+    names = [m.name for m in study_metrics(spec.split, spec.run_metrics, spec.marker_probe)]
     level = f"{confidence:.0%}"
     lines = [
         f"# Study `{spec.name}`",
@@ -502,7 +670,8 @@ def _markdown(
     if notes:
         lines += ["", *[f"- `{name}`: {note}" for name, note in notes.items()]]
     if differences:
-        lines += ["", f"## Paired differences against `{spec.reference}` ({level} CI)", "",
+        same = " on the same data variant" if spec.variants else ""
+        lines += ["", f"## Paired differences against `{spec.reference}`{same} ({level} CI)", "",
                   "| configuration | pairs | " + " | ".join(names) + " |",
                   "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
         for config in spec.configs:

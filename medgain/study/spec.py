@@ -13,13 +13,16 @@ from typing import Any
 from medgain.bundle_variables import bundle_variables, unknown_variables
 from medgain.config_yaml import load_yaml
 
-__all__ = ["RunKey", "StudySpec", "load_study"]
+__all__ = ["VARIANT_SEPARATOR", "RunKey", "StudySpec", "load_study"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _KEYS = {
     "name", "bundle", "output_dir", "tracking_uri", "data", "seeds", "data_seeds", "train", "evaluate", "configs",
     "reference", "gap", "x_axis", "run_metrics", "train_configs", "evaluate_configs", "workers", "split", "evaluation_outputs",
+    "data_variants", "marker_probe", "checkpoint",
 }
+#: joins a configuration and a data variant into the name of a grid column (``plain@confounded``)
+VARIANT_SEPARATOR = "@"
 
 
 @dataclass(frozen=True, order=True)
@@ -72,6 +75,13 @@ class StudySpec:
         split: the held-out split evaluated.
         evaluation_outputs: the folder, under a run's bundle root, where evaluation writes ``metrics.json`` and
             ``predictions.csv``.
+        variants: data variant name → its ``medgain synth`` options (e.g. ``clean: {shortcut_rate: 0}`` and
+            ``confounded: {shortcut_rate: 0.8}``); every method is trained on each, as configuration
+            ``<method>@<variant>`` (``configs`` holds these crossed names). The first variant is the baseline of the
+            report's per-method penalty table. Empty: no variants, ``configs`` are the methods.
+        methods: the configurations as the study file names them (the methods crossed with the variants).
+        marker_probe: report the marker-reliance probe (:mod:`medgain.study.probe`; synthetic capsule data).
+        checkpoint: the shipped model file of a run, relative to its bundle root (its epoch is reported).
     """
 
     name: str
@@ -95,6 +105,22 @@ class StudySpec:
     config_data: dict[str, dict[str, Any]] = field(default_factory=dict)
     gap: tuple[str, str] | None = None
     run_metrics: list[str] = field(default_factory=list)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    methods: list[str] = field(default_factory=list)
+    marker_probe: bool = False
+    checkpoint: str = "models/model.pt"
+
+    def split_config(self, config: str) -> tuple[str, str | None]:
+        """``(method, variant)`` of a configuration (variant None in a study without variants)."""
+        if self.variants:
+            method, variant = config.rsplit(VARIANT_SEPARATOR, 1)
+            return method, variant
+        return config, None
+
+    def reference_of(self, config: str) -> str:
+        """The configuration a configuration is compared with: the reference method on the same data variant."""
+        _, variant = self.split_config(config)
+        return self.reference if variant is None else f"{self.reference}{VARIANT_SEPARATOR}{variant}"
 
     def runs(self) -> list[RunKey]:
         """Every run of the grid, configuration by configuration."""
@@ -208,6 +234,7 @@ def load_study(path: str | os.PathLike) -> StudySpec:
     configs = _mapping(path, raw, "configs")
     if not configs:
         _fail(path, "'configs' names no configuration")
+    variants = _variants(path, raw, data)
     for config, overrides in configs.items():
         if not _NAME.match(str(config)):
             _fail(path, f"configuration name {config!r} must be letters, digits, '_', '.', '-'")
@@ -223,10 +250,20 @@ def load_study(path: str | os.PathLike) -> StudySpec:
     reference = str(raw.get("reference", next(iter(configs))))
     if reference not in configs:
         _fail(path, f"'reference' {reference!r} is not one of the configurations {list(configs)}")
+    crossed = {(f"{c}{VARIANT_SEPARATOR}{v}" if variants else str(c)): (c, v)
+               for c in configs for v in variants or [None]}
     gap = raw.get("gap")
     if gap is not None and (not isinstance(gap, list) or len(gap) != 2 or len(set(gap)) != 2
-                            or not set(gap) <= set(configs)):
-        _fail(path, f"'gap' must name two different configurations of {list(configs)}, got {gap!r}")
+                            or not set(gap) <= set(crossed)):
+        _fail(path, f"'gap' must name two different configurations of {list(crossed)}, got {gap!r}")
+    marker_probe = raw.get("marker_probe", False)
+    if not isinstance(marker_probe, bool):
+        _fail(path, f"'marker_probe' must be true or false, got {marker_probe!r}")
+    if marker_probe and data.get("synth") != "capsule":
+        _fail(path, "'marker_probe' needs 'data: {synth: capsule}' (it burns the capsule generator's marker)")
+    checkpoint = raw.get("checkpoint", "models/model.pt")
+    if not isinstance(checkpoint, str) or not checkpoint or Path(checkpoint).is_absolute():
+        _fail(path, f"'checkpoint' must be a model file path relative to a run's folder, got {checkpoint!r}")
     run_metrics = raw.get("run_metrics", [])
     if not isinstance(run_metrics, list) or not all(isinstance(m, str) and _NAME.match(m) for m in run_metrics):
         _fail(path, f"'run_metrics' must be a list of metric names (without the split prefix), got {run_metrics!r}")
@@ -255,8 +292,10 @@ def load_study(path: str | os.PathLike) -> StudySpec:
         data=data,
         seeds=_seeds(path, raw, "seeds", [0]),
         data_seeds=_seeds(path, raw, "data_seeds", [0]),
-        configs={str(c): {k: v for k, v in (o or {}).items() if k != "data"} for c, o in configs.items()},
-        config_data={str(c): dict(o["data"]) for c, o in configs.items() if (o or {}).get("data")},
+        configs={name: {k: v for k, v in (configs[c] or {}).items() if k != "data"}
+                 for name, (c, _) in crossed.items()},
+        config_data={name: own for name, (c, v) in crossed.items()
+                     if (own := {**variants.get(v, {}), **((configs[c] or {}).get("data") or {})})},
         reference=reference,
         train=_mapping(path, raw, "train"),
         evaluate=_mapping(path, raw, "evaluate"),
@@ -268,4 +307,25 @@ def load_study(path: str | os.PathLike) -> StudySpec:
         workers=workers,
         split=str(raw.get("split", "test")),
         evaluation_outputs=str(raw.get("evaluation_outputs", "outputs/evaluation")),
+        variants=variants,
+        methods=[str(c) for c in configs],
+        marker_probe=marker_probe,
+        checkpoint=checkpoint,
     )
+
+
+def _variants(path: Path, raw: dict[str, Any], data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ``data_variants`` of a study file: name → ``medgain synth`` options; at least two, names as configs'."""
+    variants = raw.get("data_variants")
+    if variants is None:
+        return {}
+    if not isinstance(variants, dict) or len(variants) < 2:
+        _fail(path, f"'data_variants' must map two or more variant names to `medgain synth` options, got {variants!r}")
+    if "synth" not in data:
+        _fail(path, "'data_variants' needs the study's 'data: {synth: ...}'")
+    for name, options in variants.items():
+        if not _NAME.match(str(name)):
+            _fail(path, f"data variant name {name!r} must be letters, digits, '_', '.', '-'")
+        if not isinstance(options or {}, dict):
+            _fail(path, f"data variant {name!r} must be a mapping of `medgain synth` options")
+    return {str(name): dict(options or {}) for name, options in variants.items()}

@@ -24,13 +24,17 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy.ndimage import gaussian_filter
 
+from medgain.synth.progress import ProgressCallback
+
 __all__ = [
     "LESION_KINDS",
     "SPLITS",
     "VL_ENDOSCOPIC_IMAGE_STORAGE",
+    "burn_marker",
     "make_capsule_dataset",
     "make_capsule_frame",
     "make_capsule_frame_lesions",
+    "marker_mask",
 ]
 
 LESION_KINDS: dict[str, int] = {"ulcer": 1, "bleeding": 2, "angioectasia": 3, "polyp": 4}
@@ -513,13 +517,34 @@ def _plan(
     return study_split, positive
 
 
-def _add_shortcut(image: np.ndarray) -> np.ndarray:
-    """Burn a white "L" marker into the top-left corner, outside the field of view."""
+def burn_marker(image: np.ndarray) -> np.ndarray:
+    """The shortcut confounder of :func:`make_capsule_dataset`: a white "L" burnt into the top-left corner of a
+    frame, outside the field of view (what ``shortcut_rate`` adds to the marked positives).
+
+    Args:
+        image: (H, W, 3) uint8 RGB frame (H == W, as the generator writes them).
+
+    Returns:
+        A new (H, W, 3) uint8 frame with the marker; ``image`` is left unchanged.
+
+    Raises:
+        ValueError: when ``image`` is not a square (H, W, 3) uint8 array.
+    """
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or image.shape[0] != image.shape[1]:
+        raise ValueError(f"burn_marker: needs a square (H, W, 3) uint8 RGB frame, got {image.dtype} {image.shape}")
     size = image.shape[0]
     pil = Image.fromarray(image)
     font = ImageFont.load_default(size=max(8, size // 10))
     ImageDraw.Draw(pil).text((round(0.02 * size), round(0.01 * size)), "L", fill=(255, 255, 255), font=font)
     return np.asarray(pil)
+
+
+def marker_mask(size: int) -> np.ndarray:
+    """The (size, size) bool mask of the pixels :func:`burn_marker` draws on a frame of that size (on a black
+    frame: every pixel it touches)."""
+    _check_int("size", size, 1)
+    return burn_marker(np.zeros((size, size, 3), np.uint8)).any(axis=2)
 
 
 def _write_dicom(path: Path, image: np.ndarray, seed: int, study: int, frame: int) -> None:
@@ -628,6 +653,7 @@ def make_capsule_dataset(
     split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
     lesions_per_frame: tuple[int, int] | None = None,
     shortcut_splits: Sequence[str] = SPLITS,
+    progress: ProgressCallback | None = None,
 ) -> Path:
     """Write a synthetic capsule-endoscopy data set and its MONAI datalist.
 
@@ -663,6 +689,8 @@ def make_capsule_dataset(
         split_fractions: fractions of studies for the training, validation and test splits.
         lesions_per_frame: ``(low, high)`` lesions per positive frame (see :func:`make_capsule_frame`); None
             keeps the original 1-2 rule and writes exactly what earlier versions wrote for the same seed.
+        progress: called as ``progress(done, n_frames)`` after each frame (e.g.
+            :func:`medgain.synth.progress.print_progress`).
 
     Returns:
         path of ``datalist.json``.
@@ -699,7 +727,7 @@ def make_capsule_dataset(
             seed, study, frame, size=size, positive=bool(positive[index]), lesions_per_frame=lesions_per_frame
         )
         if shortcut[index]:
-            image = _add_shortcut(image)
+            image = burn_marker(image)
         image_path = f"images/{name}.dcm" if dicom else f"images/{name}.png"
         if dicom:
             _write_dicom(out / image_path, image, seed, study, frame)
@@ -718,6 +746,8 @@ def make_capsule_dataset(
             _write_label_map(out / f"lesions/{name}", lesion_map)
             item.update(lesion_map=f"lesions/{name}.png", n_lesions=int(lesion_map.max()))
         datalist[study_split[study]].append(item)
+        if progress is not None:
+            progress(index + 1, n_frames)
 
     summary = {
         "name": "medgain synthetic capsule endoscopy",

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from medgain.synth.progress import ProgressCallback
 from medgain.transforms.hair import hair_alpha
 
 __all__ = ["DERMOSCOPY_CSV_COLUMNS", "SITES", "make_dermoscopy_dataset", "make_dermoscopy_image"]
@@ -334,6 +335,7 @@ def make_dermoscopy_dataset(
     max_size: int = 2000,
     missing_rate: float = 0.02,
     jpeg_quality: int = 90,
+    progress: ProgressCallback | None = None,
 ) -> Path:
     """Write a synthetic dermoscopy data set in the ISIC 2020 layout.
 
@@ -363,6 +365,8 @@ def make_dermoscopy_dataset(
         max_size: largest longer side in pixels.
         missing_rate: chance that a patient's sex, a patient's age or an image's site is missing.
         jpeg_quality: JPEG quality (1-95).
+        progress: called as ``progress(done, n_images)`` after each image (e.g.
+            :func:`medgain.synth.progress.print_progress`).
 
     Returns:
         path of ``train.csv``.
@@ -424,6 +428,8 @@ def make_dermoscopy_dataset(
                 "target": int(malignant[index]),
             }
         )
+        if progress is not None:
+            progress(index + 1, n_images)
     csv_path = out / "train.csv"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=DERMOSCOPY_CSV_COLUMNS)

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from medgain.synth.progress import ProgressCallback
+
 __all__ = ["PATTERN_KINDS", "make_pattern_dataset", "make_pattern_image"]
 
 PATTERN_KINDS = ("ellipses", "pattern1", "pattern2")
@@ -172,6 +174,7 @@ def make_pattern_dataset(
     field_size: int = 4,
     prevalence: float = 0.5,
     split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    progress: ProgressCallback | None = None,
 ) -> Path:
     """Write ``n_images`` pattern images, their masks and a MONAI datalist into ``out_dir``.
 
@@ -189,6 +192,8 @@ def make_pattern_dataset(
         field_size: ``pattern2`` grid side.
         prevalence: fraction of tumour images (rounded, in every split alike).
         split_fractions: fractions of the images in the three splits (sum 1).
+        progress: called as ``progress(done, n_images)`` after each image (e.g.
+            :func:`medgain.synth.progress.print_progress`).
 
     Returns:
         The path of ``datalist.json``.
@@ -230,6 +235,8 @@ def make_pattern_dataset(
         datalist[_SPLITS[split_of[index]]].append(
             {"image": f"images/{name}", "label": int(positive[index]), "label_map": f"masks/{name}"}
         )
+        if progress is not None:
+            progress(index + 1, n_images)
     summary = {
         "generator": "medgain.synth.patterns.make_pattern_dataset",
         "kind": kind,

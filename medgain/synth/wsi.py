@@ -6,6 +6,15 @@ nuclei on lilac cytoplasm, one large region and small metastases of a few hundre
 polygonal, so the written annotations (ASAP XML as in Camelyon16, QuPath-style GeoJSON) are exactly what was
 rendered. The TIFF has 256-px tiles, JPEG or deflate compression, 2x sub-resolution levels and resolution tags
 in pixels per centimetre (microns per pixel = 1e4 / resolution).
+
+``difficulty="hard"`` makes slides on which a patch classifier has something to learn: metastases from isolated
+tumour cells (ITC, < 200 um) through micro- to macro-metastases (> 2 mm), with tumour appearance drawn per slide
+closer to normal tissue; per-slide stain (H&E stain vectors and intensities jittered in optical density) and
+scanner variation (white balance, focus blur, sensor noise, JPEG quality); tissue folds (darker bands of doubled
+tissue), pen marks (ink strokes over glass and tissue, on normal slides too) and out-of-focus patches; and normal
+structures that resemble tumour (dense lymphoid aggregates, some with pale, large-nucleus germinal centres) with
+no annotation. Tumour pixels are still exactly the annotated polygons (inside the tissue); only the scanner's
+blur spreads their colour by a few pixels.
 """
 
 from __future__ import annotations
@@ -16,16 +25,24 @@ import math
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import tifffile
+from scipy.ndimage import gaussian_filter
+from skimage.color import hed_from_rgb, rgb_from_hed
 from skimage.draw import polygon as fill_polygon
+from skimage.measure import points_in_poly
 
 __all__ = [
+    "LESION_CLASSES",
     "WSI_COMPRESSIONS",
+    "WSI_DIFFICULTIES",
+    "SlideLook",
     "SlideSpec",
+    "lesion_class",
+    "lesion_diameter_um",
     "make_wsi_dataset",
     "make_wsi_slide",
     "write_asap_xml",
@@ -34,13 +51,27 @@ __all__ = [
 ]
 
 WSI_COMPRESSIONS = ("jpeg", "deflate")
+WSI_DIFFICULTIES = ("standard", "hard")
+LESION_CLASSES = ("itc", "micro", "macro")
+_ITC_MAX_UM = 200.0  # isolated tumour cells below, macro-metastases above 2 mm (longest diameter)
+_MACRO_MIN_UM = 2000.0
 
 _WHITE = np.array([242.0, 240.0, 244.0])
 _STROMA = np.array([232.0, 166.0, 200.0])
 _TUMOUR_CYTOPLASM = np.array([206.0, 156.0, 212.0])
 _NUCLEUS = np.array([92.0, 54.0, 140.0])
 _TUMOUR_NUCLEUS = np.array([120.0, 78.0, 170.0])
+_LYMPH_NUCLEUS = np.array([78.0, 46.0, 128.0])
+_GERMINAL_CYTOPLASM = np.array([214.0, 162.0, 210.0])
+_GERMINAL_NUCLEUS = np.array([112.0, 74.0, 162.0])
+_INKS = (  # pen ink transmission: green, blue, black, red
+    np.array([70.0, 150.0, 100.0]),
+    np.array([60.0, 90.0, 180.0]),
+    np.array([55.0, 55.0, 65.0]),
+    np.array([190.0, 55.0, 75.0]),
+)
 _POLYGON_VERTICES = 96
+_BLUR_MARGIN = 16  # rows rendered above and below a strip so that blur (sigma <= 4 px) sees its neighbours
 
 
 @dataclass(frozen=True)
@@ -55,6 +86,42 @@ class _Nuclei:
 
 
 @dataclass(frozen=True)
+class SlideLook:
+    """Per-slide appearance of a hard slide (stain, scanner, tissue texture and artefact strengths).
+
+    Attributes:
+        colour: (3, 3) matrix applied to optical densities (row vectors): the reference H&E-DAB decomposition,
+            the slide's H and E intensities and its jittered H and E stain vectors.
+        white: (3,) per-channel scanner gain (white balance and brightness).
+        focus: scanner blur of the whole slide, Gaussian sigma in pixels (0: sharp).
+        noise: sensor noise, standard deviation in grey levels.
+        jpeg_quality: JPEG quality of the tiles (when written as JPEG).
+        normal_nuclei: nuclei of normal tissue (``salt`` is set when rendering).
+        tumour_nuclei: nuclei of tumour tissue.
+        tumour_cytoplasm: RGB of tumour cytoplasm (between normal stroma and the standard tumour lilac).
+        tumour_nucleus: RGB of tumour nuclei.
+        fold_darkness: power applied to the transmission of tissue under one fold (doubled tissue: about 2).
+        pen_inks: (3,) RGB transmission of each pen mark's ink.
+        pen_strengths: ink density of each pen mark (power of its transmission).
+        blur_sigmas: Gaussian sigma in pixels of each out-of-focus patch.
+    """
+
+    colour: np.ndarray
+    white: np.ndarray
+    focus: float
+    noise: float
+    jpeg_quality: int
+    normal_nuclei: _Nuclei
+    tumour_nuclei: _Nuclei
+    tumour_cytoplasm: np.ndarray
+    tumour_nucleus: np.ndarray
+    fold_darkness: float
+    pen_inks: tuple[np.ndarray, ...]
+    pen_strengths: tuple[float, ...]
+    blur_sigmas: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class SlideSpec:
     """What was rendered: polygons are (N, 2) arrays of (x, y) in level-0 pixels.
 
@@ -64,6 +131,12 @@ class SlideSpec:
         mpp: microns per pixel at level 0 (None when written without resolution tags).
         tissue: tissue island polygons.
         tumours: tumour polygons (empty for a normal slide), each inside a tissue island.
+        mimics: tumour-like normal structures (dense lymphoid aggregates), not annotated; hard slides only.
+        germinal_centres: pale, large-nucleus centres inside some mimics, not annotated; hard slides only.
+        folds: tissue-fold bands (darker where they cross tissue); hard slides only.
+        pen_marks: ink strokes (over glass and tissue); hard slides only.
+        blur_patches: out-of-focus regions; hard slides only.
+        look: the per-slide appearance of a hard slide; None for a standard one.
     """
 
     path: Path
@@ -71,6 +144,17 @@ class SlideSpec:
     mpp: float | None
     tissue: tuple[np.ndarray, ...]
     tumours: tuple[np.ndarray, ...]
+    mimics: tuple[np.ndarray, ...] = ()
+    germinal_centres: tuple[np.ndarray, ...] = ()
+    folds: tuple[np.ndarray, ...] = ()
+    pen_marks: tuple[np.ndarray, ...] = ()
+    blur_patches: tuple[np.ndarray, ...] = ()
+    look: SlideLook | None = None
+
+    @property
+    def difficulty(self) -> str:
+        """``"hard"`` or ``"standard"``."""
+        return "standard" if self.look is None else "hard"
 
     @property
     def label(self) -> int:
@@ -129,10 +213,8 @@ def _wobbly_polygon(rng: np.random.Generator, cx: float, cy: float, rx: float, r
     return np.stack([cx + ca * x - sa * y, cy + sa * x + ca * y], axis=1)
 
 
-def _plan_slide(
-    rng: np.random.Generator, size: int, mpp: float, tumour: bool
-) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
-    """Tissue islands and (on tumour slides) tumour polygons that lie inside them."""
+def _plan_islands(rng: np.random.Generator, size: int) -> tuple[list[np.ndarray], list[tuple[float, float, float]]]:
+    """Tissue island polygons and, per island, (cx, cy, radius) of a disc inside it."""
     n_islands = int(rng.integers(1, 4))
     tissue, inner = [], []
     for k in range(n_islands):
@@ -146,6 +228,15 @@ def _plan_slide(
             cx, cy = cy, cx
         tissue.append(_wobbly_polygon(rng, cx, cy, rx, ry, 0.08))
         inner.append((cx, cy, min(rx, ry) * 0.92))
+    return tissue, inner
+
+
+def _plan_slide(
+    rng: np.random.Generator, size: int, mpp: float, tumour: bool
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """Tissue islands and (on tumour slides) tumour polygons that lie inside them."""
+    tissue, inner = _plan_islands(rng, size)
+    n_islands = len(tissue)
     tumours: list[np.ndarray] = []
     if tumour:
         cx, cy, r_in = inner[int(rng.integers(n_islands))]
@@ -176,6 +267,162 @@ def _plan_slide(
     return tuple(tissue), tuple(tumours)
 
 
+def lesion_diameter_um(polygon: np.ndarray, mpp: float) -> float:
+    """Longest diameter (largest distance between two vertices) of a polygon in microns.
+
+    Args:
+        polygon: (N, 2) vertices (x, y) in level-0 pixels.
+        mpp: microns per pixel at level 0.
+    """
+    diff = polygon[:, None, :] - polygon[None, :, :]
+    return float(np.sqrt((diff**2).sum(-1)).max() * mpp)
+
+
+def lesion_class(diameter_um: float) -> str:
+    """``"itc"`` below 200 um, ``"macro"`` above 2 mm, else ``"micro"`` (longest diameter)."""
+    if diameter_um < _ITC_MAX_UM:
+        return "itc"
+    return "macro" if diameter_um > _MACRO_MIN_UM else "micro"
+
+
+def _place_blob(
+    rng: np.random.Generator,
+    island: np.ndarray,
+    inner: tuple[float, float, float],
+    diameter_px: float,
+    wobble: float,
+) -> np.ndarray:
+    """A wobbly blob of longest diameter ``diameter_px`` whose vertices all lie inside ``island``, placed at
+    random within the island's inner disc (shrunk by 10 % per failed try)."""
+    cx, cy, r_in = inner
+    while True:
+        for _ in range(16):
+            unit = _wobbly_polygon(rng, 0.0, 0.0, 1.0, rng.uniform(0.7, 1.0), wobble)
+            unit *= diameter_px / lesion_diameter_um(unit, 1.0)
+            reach = float(np.sqrt((unit**2).sum(1)).max())
+            off = max(r_in - reach, 0.0) * math.sqrt(rng.uniform(0.0, 1.0))
+            phi = rng.uniform(0.0, 2.0 * math.pi)
+            poly = unit + np.array([cx + off * math.cos(phi), cy + off * math.sin(phi)])
+            if points_in_poly(poly, island).all():
+                return poly
+        diameter_px *= 0.9
+
+
+def _stroke(
+    rng: np.random.Generator, start: np.ndarray, length: float, width: float, amplitude: float
+) -> np.ndarray:
+    """Polygon of a gently waving band: ``length`` along a random direction from ``start``, ``width`` across."""
+    angle = rng.uniform(0.0, 2.0 * math.pi)
+    along = np.array([math.cos(angle), math.sin(angle)])
+    across = np.array([-along[1], along[0]])
+    t = np.linspace(0.0, 1.0, 48)
+    wave = amplitude * np.sin(2.0 * math.pi * rng.uniform(0.5, 1.5) * t + rng.uniform(0.0, 2.0 * math.pi))
+    centre = start[None, :] + t[:, None] * length * along[None, :] + wave[:, None] * across[None, :]
+    tangent = np.gradient(centre, axis=0)
+    normal = np.stack([-tangent[:, 1], tangent[:, 0]], axis=1)
+    normal /= np.linalg.norm(normal, axis=1, keepdims=True)
+    half = width / 2.0 * (1.0 + 0.15 * np.sin(2.0 * math.pi * t + rng.uniform(0.0, 2.0 * math.pi)))[:, None]
+    return np.concatenate([centre + half * normal, (centre - half * normal)[::-1]])
+
+
+def _plan_look(rng: np.random.Generator, n_pens: int, n_blurs: int) -> SlideLook:
+    """Draw the stain, scanner and texture parameters of a hard slide."""
+    stains = rgb_from_hed.copy()
+    stains[:2] = np.clip(stains[:2] + rng.normal(0.0, 0.09, (2, 3)), 0.02, None)
+    stains[:2] /= np.linalg.norm(stains[:2], axis=1, keepdims=True)
+    intensity = np.array([rng.uniform(0.65, 1.4), rng.uniform(0.65, 1.4), 1.0])
+    t_cyto, t_nucleus = rng.uniform(0.35, 1.0), rng.uniform(0.3, 1.0)
+    return SlideLook(
+        colour=hed_from_rgb @ np.diag(intensity) @ stains,
+        white=rng.uniform(0.94, 1.03, 3),
+        focus=float(rng.uniform(0.4, 1.3)) if rng.random() < 0.7 else 0.0,
+        noise=float(rng.uniform(1.5, 7.0)),
+        jpeg_quality=int(rng.integers(55, 96)),
+        normal_nuclei=_Nuclei(22, float(rng.uniform(0.3, 0.5)), (3.0, 5.0), 0),
+        tumour_nuclei=_Nuclei(
+            int(rng.integers(16, 23)), float(rng.uniform(0.55, 0.9)), (4.5, float(rng.uniform(6.0, 8.0))), 0
+        ),
+        tumour_cytoplasm=_STROMA + t_cyto * (_TUMOUR_CYTOPLASM - _STROMA),
+        tumour_nucleus=_NUCLEUS + t_nucleus * (_TUMOUR_NUCLEUS - _NUCLEUS),
+        fold_darkness=float(rng.uniform(1.6, 2.3)),
+        pen_inks=tuple(_INKS[int(rng.integers(len(_INKS)))] for _ in range(n_pens)),
+        pen_strengths=tuple(float(rng.uniform(0.5, 0.9)) for _ in range(n_pens)),
+        blur_sigmas=tuple(float(rng.uniform(1.5, 4.0)) for _ in range(n_blurs)),
+    )
+
+
+def _plan_hard(rng: np.random.Generator, size: int, mpp: float, tumour: bool) -> dict:
+    """Geometry and look of a hard slide, as keyword arguments of :class:`SlideSpec` (without path, size, mpp).
+
+    A tumour slide has 1-3 metastases; the first is an ITC, micro- or macro-metastasis (macro only where an
+    island is large enough), the others ITC or micro. Every slide gets 2-6 lymphoid mimics (half with a
+    germinal centre), and, each with probability one half, 1-2 folds, 1-3 pen marks and 1-2 blur patches.
+    """
+    tissue, inner = _plan_islands(rng, size)
+    n_islands = len(tissue)
+    tumours: list[np.ndarray] = []
+    if tumour:
+        largest = int(np.argmax([r for _, _, r in inner]))
+        room_um = 2.0 * 0.95 * inner[largest][2] * mpp
+        for k in range(int(rng.integers(1, 4))):
+            if k == 0:
+                kind = LESION_CLASSES[int(rng.choice(3, p=[0.3, 0.35, 0.35]))]
+            else:
+                kind = ("itc", "micro")[int(rng.integers(2))]
+            if kind == "macro" and room_um > 1.1 * _MACRO_MIN_UM:
+                island = largest
+                diameter_um = rng.uniform(1.05 * _MACRO_MIN_UM, min(room_um, 3.0 * _MACRO_MIN_UM))
+            else:
+                island = int(rng.integers(n_islands))
+                room = 2.0 * 0.85 * inner[island][2] * mpp
+                low, high = (40.0, 0.9 * _ITC_MAX_UM) if kind == "itc" else (1.2 * _ITC_MAX_UM, 0.9 * _MACRO_MIN_UM)
+                high = max(min(high, room * 0.5), 1.01 * low)  # a small island takes a smaller metastasis
+                diameter_um = math.exp(rng.uniform(math.log(low), math.log(high)))
+            tumours.append(_place_blob(rng, tissue[island], inner[island], diameter_um / mpp, 0.12))
+    mimics, germinal = [], []
+    for _ in range(int(rng.integers(2, 7))):
+        island = int(rng.integers(n_islands))
+        diameter_px = min(math.exp(rng.uniform(math.log(150.0), math.log(900.0))) / mpp, inner[island][2] * 0.6)
+        blob = _place_blob(rng, tissue[island], inner[island], diameter_px, 0.1)
+        mimics.append(blob)
+        if rng.random() < 0.5:
+            centre = blob.mean(axis=0)
+            germinal.append(centre + (blob - centre) * rng.uniform(0.45, 0.7))
+    folds, pens, blurs = [], [], []
+    if rng.random() < 0.5:
+        for _ in range(int(rng.integers(1, 3))):
+            cx, cy, r_in = inner[int(rng.integers(n_islands))]
+            width = r_in * rng.uniform(0.05, 0.15)
+            start = np.array([cx, cy]) + rng.uniform(-0.3, 0.3, 2) * r_in
+            band = _stroke(rng, start, 1.3 * r_in, width, 0.3 * width)
+            folds.append(band - (band.mean(axis=0) - start))  # centred on ``start``, across the island
+    n_pens = int(rng.integers(1, 4)) if rng.random() < 0.5 else 0
+    for _ in range(n_pens):
+        cx, cy, r_in = inner[int(rng.integers(n_islands))]
+        phi = rng.uniform(0.0, 2.0 * math.pi)
+        start = np.array([cx, cy]) + rng.uniform(0.6, 1.3) * r_in * np.array([math.cos(phi), math.sin(phi)])
+        pens.append(_stroke(rng, start, size * rng.uniform(0.1, 0.35), size * rng.uniform(0.006, 0.016), size * 0.02))
+    n_blurs = int(rng.integers(1, 3)) if rng.random() < 0.5 else 0
+    for _ in range(n_blurs):
+        island = int(rng.integers(n_islands))
+        cx, cy, r_in = inner[island]
+        phi, off = rng.uniform(0.0, 2.0 * math.pi), r_in * rng.uniform(0.0, 0.8)
+        radius = r_in * rng.uniform(0.15, 0.4)
+        blurs.append(
+            _wobbly_polygon(rng, cx + off * math.cos(phi), cy + off * math.sin(phi), radius, radius * 0.8, 0.1)
+        )
+    return {
+        "tissue": tuple(tissue),
+        "tumours": tuple(tumours),
+        "mimics": tuple(mimics),
+        "germinal_centres": tuple(germinal),
+        "folds": tuple(folds),
+        "pen_marks": tuple(pens),
+        "blur_patches": tuple(blurs),
+        "look": _plan_look(rng, n_pens, n_blurs),
+    }
+
+
 def _polygon_rows(polygons: Sequence[np.ndarray], y0: int, height: int, width: int) -> np.ndarray:
     """Boolean (height, width) raster of the union of ``polygons`` over rows ``y0 .. y0 + height``.
 
@@ -190,26 +437,93 @@ def _polygon_rows(polygons: Sequence[np.ndarray], y0: int, height: int, width: i
     return out
 
 
+def _shade(y0: int, height: int, width: int, size: tuple[int, int], noise: np.ndarray) -> np.ndarray:
+    """Slow colour variation (height, width) in [-1, 1]: bilinear look-up in a coarse noise grid covering the
+    slide."""
+    gy = (np.arange(y0, y0 + height) + 0.5) / size[0] * (noise.shape[0] - 1)
+    gx = (np.arange(width) + 0.5) / size[1] * (noise.shape[1] - 1)
+    iy, ix = np.minimum(gy.astype(int), noise.shape[0] - 2), np.minimum(gx.astype(int), noise.shape[1] - 2)
+    fy, fx = (gy - iy)[:, None], (gx - ix)[None, :]
+    return (
+        noise[iy][:, ix] * (1 - fy) * (1 - fx)
+        + noise[iy + 1][:, ix] * fy * (1 - fx)
+        + noise[iy][:, ix + 1] * (1 - fy) * fx
+        + noise[iy + 1][:, ix + 1] * fy * fx
+    )
+
+
+def _render_hard_strip(
+    y0: int, height: int, width: int, spec: SlideSpec, look: SlideLook, seed: int, index: int, noise: np.ndarray
+) -> np.ndarray:
+    """RGB uint8 rows ``y0 .. y0 + height`` of a hard slide of appearance ``look``.
+
+    Rows are rendered with a margin above and below, so that blur near a strip's edge sees the neighbouring
+    rows: tissue (normal, lymphoid mimics and their germinal centres, tumour over both) → folds → stain →
+    pen ink → out-of-focus patches and scanner focus → white balance → sensor noise.
+    """
+    top = max(y0 - _BLUR_MARGIN, 0)
+    bottom = min(y0 + height + _BLUR_MARGIN, spec.size[0])
+    rows = bottom - top
+    salt = (seed * 1_000_003 + index) * 8
+    tissue = _polygon_rows(spec.tissue, top, rows, width)
+    img = np.broadcast_to(_WHITE, (rows, width, 3)).copy()
+    if tissue.any():
+        tumour = _polygon_rows(spec.tumours, top, rows, width) & tissue
+        lymphoid = _polygon_rows(spec.mimics, top, rows, width) & tissue & ~tumour
+        germinal = _polygon_rows(spec.germinal_centres, top, rows, width) & lymphoid
+        shade = _shade(top, rows, width, spec.size, noise)[..., None]
+        stroma = _STROMA * (0.93 + 0.1 * shade)
+        stroma = np.where(germinal[..., None], _GERMINAL_CYTOPLASM * (0.95 + 0.08 * shade), stroma)
+        stroma = np.where(tumour[..., None], look.tumour_cytoplasm * (0.95 + 0.08 * shade), stroma)
+        alpha, dark = _nuclei_alpha(top, rows, width, replace(look.normal_nuclei, salt=salt + 1))
+        colour = np.broadcast_to(_NUCLEUS, (rows, width, 3))
+        layers = (
+            (lymphoid, _Nuclei(10, 0.85, (2.5, 3.8), salt + 3), _LYMPH_NUCLEUS),
+            (germinal, _Nuclei(16, 0.8, (4.0, 6.5), salt + 4), _GERMINAL_NUCLEUS),
+            (tumour, replace(look.tumour_nuclei, salt=salt + 2), look.tumour_nucleus),
+        )
+        for region, nuclei, rgb in layers:
+            if region.any():
+                layer_alpha, layer_dark = _nuclei_alpha(top, rows, width, nuclei)
+                alpha = np.where(region, layer_alpha, alpha)
+                dark = np.where(region, layer_dark, dark)
+                colour = np.where(region[..., None], rgb, colour)
+        tissue_rgb = stroma * (1 - alpha[..., None]) + colour * dark[..., None] * alpha[..., None]
+        if spec.folds:
+            layers_folded = sum(_polygon_rows([band], top, rows, width).astype(np.float64) for band in spec.folds)
+            power = look.fold_darkness ** layers_folded[..., None]
+            tissue_rgb = 255.0 * (tissue_rgb / 255.0) ** power
+        img = np.where(tissue[..., None], tissue_rgb, img)
+    optical_density = -np.log(np.maximum(img, 1.0) / 255.0)
+    img = 255.0 * np.exp(-(optical_density @ look.colour))
+    for stroke, ink, strength in zip(spec.pen_marks, look.pen_inks, look.pen_strengths):
+        inked = _polygon_rows([stroke], top, rows, width)
+        if inked.any():
+            img[inked] *= (ink / 255.0) ** strength
+    for patch, sigma in zip(spec.blur_patches, look.blur_sigmas):
+        blurred_region = _polygon_rows([patch], top, rows, width)
+        if blurred_region.any():
+            img = np.where(blurred_region[..., None], gaussian_filter(img, (sigma, sigma, 0)), img)
+    if look.focus > 0:
+        img = gaussian_filter(img, (look.focus, look.focus, 0))
+    img = img[y0 - top : y0 - top + height] * look.white
+    rng = np.random.default_rng([seed, index, y0])
+    img += rng.normal(0.0, look.noise, img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
 def _render_strip(
     y0: int, height: int, width: int, spec: SlideSpec, seed: int, index: int, noise: np.ndarray
 ) -> np.ndarray:
     """RGB uint8 rows ``y0 .. y0 + height`` of a slide."""
+    if spec.look is not None:
+        return _render_hard_strip(y0, height, width, spec, spec.look, seed, index, noise)
     salt = (seed * 1_000_003 + index) * 4
     tissue = _polygon_rows(spec.tissue, y0, height, width)
     tumour = _polygon_rows(spec.tumours, y0, height, width) & tissue
     img = np.broadcast_to(_WHITE, (height, width, 3)).copy()
     if tissue.any():
-        # slow colour variation: bilinear look-up in a coarse noise grid covering the slide
-        gy = (np.arange(y0, y0 + height) + 0.5) / spec.size[0] * (noise.shape[0] - 1)
-        gx = (np.arange(width) + 0.5) / spec.size[1] * (noise.shape[1] - 1)
-        iy, ix = np.minimum(gy.astype(int), noise.shape[0] - 2), np.minimum(gx.astype(int), noise.shape[1] - 2)
-        fy, fx = (gy - iy)[:, None], (gx - ix)[None, :]
-        shade = (
-            noise[iy][:, ix] * (1 - fy) * (1 - fx)
-            + noise[iy + 1][:, ix] * fy * (1 - fx)
-            + noise[iy][:, ix + 1] * (1 - fy) * fx
-            + noise[iy + 1][:, ix + 1] * fy * fx
-        )
+        shade = _shade(y0, height, width, spec.size, noise)
         stroma = _STROMA[None, None, :] * (0.93 + 0.1 * shade[..., None])
         stroma = np.where(
             tumour[..., None], _TUMOUR_CYTOPLASM[None, None, :] * (0.95 + 0.08 * shade[..., None]), stroma
@@ -237,6 +551,7 @@ def write_pyramidal_tiff(
     tile: int = 256,
     compression: str = "jpeg",
     min_level_size: int = 512,
+    jpeg_quality: int = 90,
 ) -> Path:
     """Write an RGB pyramidal tiled TIFF from level-0 row strips.
 
@@ -253,11 +568,14 @@ def write_pyramidal_tiff(
         tile: tile side in pixels (a multiple of 16).
         compression: "jpeg" (quality 90) or "deflate".
         min_level_size: stop adding levels once the longer side is at most this.
+        jpeg_quality: JPEG quality (1-100) with ``compression="jpeg"``.
     """
     if compression not in WSI_COMPRESSIONS:
         raise ValueError(f"compression must be one of {WSI_COMPRESSIONS}, got {compression!r}")
     if tile % 16:
         raise ValueError(f"tile must be a multiple of 16, got {tile}")
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
     height, width = shape
     half = np.zeros(((height + 1) // 2, (width + 1) // 2, 3), dtype=np.uint8)
 
@@ -282,7 +600,7 @@ def write_pyramidal_tiff(
         "tile": (tile, tile),
         "photometric": "rgb",
         "compression": compression,
-        "compressionargs": {"level": 90} if compression == "jpeg" else {"level": 6},
+        "compressionargs": {"level": jpeg_quality} if compression == "jpeg" else {"level": 6},
     }
     level_mpp = mpp
     with tifffile.TiffWriter(path, bigtiff=height * width * 3 > 2**31) as writer:
@@ -324,6 +642,7 @@ def make_wsi_slide(
     tumour: bool = True,
     mpp: float | None = 0.5,
     compression: str = "jpeg",
+    difficulty: str = "standard",
 ) -> SlideSpec:
     """Render and write one synthetic slide (see the module docstring).
 
@@ -332,21 +651,31 @@ def make_wsi_slide(
         seed: random seed; together with ``index`` it fixes the slide.
         index: slide number within a data set.
         size: level-0 height and width in pixels (at least 512).
-        tumour: add tumour regions (one large, one or two small metastases).
+        tumour: add tumour regions (standard: one large region and one or two small metastases; hard: one to
+            three metastases from ITC to macro size).
         mpp: microns per pixel at level 0 (sizes of small metastases are set in microns); None writes no
             resolution tags (geometry then assumes 0.5).
         compression: "jpeg" or "deflate".
+        difficulty: "standard" or "hard" (see the module docstring).
 
     Returns:
         the rendered geometry.
+
+    Raises:
+        ValueError: for a size under 512, a non-positive mpp, or an unknown compression or difficulty.
     """
     if size < 512:
         raise ValueError(f"size must be at least 512 px, got {size}")
     if mpp is not None and not mpp > 0:
         raise ValueError(f"mpp must be positive, got {mpp}")
+    if difficulty not in WSI_DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {WSI_DIFFICULTIES}, got {difficulty!r}")
     rng = np.random.default_rng([seed, index])
-    tissue, tumours = _plan_slide(rng, size, mpp or 0.5, tumour)
-    spec = SlideSpec(Path(path), (size, size), mpp, tissue, tumours)
+    if difficulty == "hard":
+        spec = SlideSpec(Path(path), (size, size), mpp, **_plan_hard(rng, size, mpp or 0.5, tumour))
+    else:
+        tissue, tumours = _plan_slide(rng, size, mpp or 0.5, tumour)
+        spec = SlideSpec(Path(path), (size, size), mpp, tissue, tumours)
     noise = rng.uniform(-1.0, 1.0, (24, 24))
     tile = 256
 
@@ -354,7 +683,10 @@ def make_wsi_slide(
         for y0 in range(0, size, tile):
             yield _render_strip(y0, min(tile, size - y0), size, spec, seed, index, noise)
 
-    write_pyramidal_tiff(path, strips(), (size, size), mpp, tile=tile, compression=compression)
+    quality = 90 if spec.look is None else spec.look.jpeg_quality
+    write_pyramidal_tiff(
+        path, strips(), (size, size), mpp, tile=tile, compression=compression, jpeg_quality=quality
+    )
     return spec
 
 
@@ -409,12 +741,15 @@ def make_wsi_dataset(
     tumour_rate: float = 0.5,
     mpp: float = 0.5,
     compression: str = "jpeg",
+    difficulty: str = "standard",
 ) -> Path:
     """Write ``n_slides`` synthetic slides, their annotations and a slide-label CSV into ``out``.
 
     Layout: ``images/slide_NNN.tif``; for tumour slides ``annotations/slide_NNN.xml`` (ASAP) and
     ``annotations/slide_NNN.geojson``; ``labels.csv`` with columns slide, label (1 = tumour), image,
-    annotation_xml, annotation_geojson (paths relative to ``out``; empty for normal slides).
+    annotation_xml, annotation_geojson (paths relative to ``out``; empty for normal slides); ``lesions.csv`` with
+    one row per annotated lesion: slide, lesion (its index in the annotation files), diameter_um (longest
+    diameter), class (itc, micro or macro).
 
     Args:
         out: output directory.
@@ -424,6 +759,7 @@ def make_wsi_dataset(
         tumour_rate: fraction of tumour slides; round(n_slides * tumour_rate) slides, chosen at random.
         mpp: microns per pixel at level 0.
         compression: "jpeg" or "deflate".
+        difficulty: "standard" or "hard" (see the module docstring).
 
     Returns:
         the path of ``labels.csv``.
@@ -434,18 +770,32 @@ def make_wsi_dataset(
         raise ValueError(f"tumour_rate must be in [0, 1], got {tumour_rate}")
     if compression not in WSI_COMPRESSIONS:
         raise ValueError(f"compression must be one of {WSI_COMPRESSIONS}, got {compression!r}")
+    if difficulty not in WSI_DIFFICULTIES:
+        raise ValueError(f"difficulty must be one of {WSI_DIFFICULTIES}, got {difficulty!r}")
     out = Path(out)
     n_tumour = int(round(n_slides * tumour_rate))
     order = np.random.default_rng([seed, 0x57A1]).permutation(n_slides)
     is_tumour = np.zeros(n_slides, dtype=bool)
     is_tumour[order[:n_tumour]] = True
-    rows = []
+    rows, lesions = [], []
     for i in range(n_slides):
         name = f"slide_{i:03d}"
         image = Path("images") / f"{name}.tif"
         spec = make_wsi_slide(
-            out / image, seed=seed, index=i, size=size, tumour=bool(is_tumour[i]), mpp=mpp, compression=compression
+            out / image,
+            seed=seed,
+            index=i,
+            size=size,
+            tumour=bool(is_tumour[i]),
+            mpp=mpp,
+            compression=compression,
+            difficulty=difficulty,
         )
+        for k, poly in enumerate(spec.tumours):
+            diameter = lesion_diameter_um(poly, mpp)
+            lesions.append(
+                {"slide": name, "lesion": k, "diameter_um": f"{diameter:.1f}", "class": lesion_class(diameter)}
+            )
         xml = geojson = ""
         if spec.tumours:
             xml = str(Path("annotations") / f"{name}.xml")
@@ -461,9 +811,16 @@ def make_wsi_dataset(
                 "annotation_geojson": geojson,
             }
         )
-    labels = out / "labels.csv"
-    with labels.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+    _write_csv(out / "lesions.csv", ["slide", "lesion", "diameter_um", "class"], lesions)
+    return _write_csv(out / "labels.csv", list(rows[0]), rows)
+
+
+def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> Path:
+    """Write a CSV atomically (temporary file in the same folder, then rename)."""
+    tmp = path.with_name(f".{path.name}.partial")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    return labels
+    os.replace(tmp, path)
+    return path

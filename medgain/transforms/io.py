@@ -81,9 +81,12 @@ def _read_dicom_header(path: Path) -> pydicom.Dataset:
 
 def _dicom_num_frames(path: Path, ds: pydicom.Dataset) -> int:
     try:
-        return int(ds.get("NumberOfFrames", 1) or 1)
+        n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: invalid NumberOfFrames {ds.get('NumberOfFrames')!r}") from err
+    if n_frames < 1:
+        raise ValueError(f"{path}: invalid NumberOfFrames {n_frames}, expected at least 1")
+    return n_frames
 
 
 def _dicom_check_header(path: Path, ds: pydicom.Dataset) -> None:
@@ -300,7 +303,11 @@ def iter_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
 
 
 def count_frames(path: str | os.PathLike) -> int:
-    """Number of frames of an image file, reading only its header.
+    """Number of frames of an image file, reading only its header (no pixel is decoded).
+
+    The header must describe an image :func:`read_frame` can read: a PIL mode it converts, or a DICOM photometric
+    interpretation it supports (with its palette tables). Pixel data that cannot be decoded is found only when
+    the frame is read.
 
     Args:
         path: image file, as for :func:`read_frame`.
@@ -310,17 +317,22 @@ def count_frames(path: str | os.PathLike) -> int:
 
     Raises:
         FileNotFoundError: when the file does not exist.
-        ValueError: when the header cannot be read.
+        ValueError: when the header cannot be read or describes an image that cannot be read (naming the file).
     """
     path = Path(path)
     _check_exists(path)
     if _is_dicom(path):
-        return _dicom_num_frames(path, _read_dicom_header(path))
+        ds = _read_dicom_header(path)
+        _dicom_check_header(path, ds)
+        return _dicom_num_frames(path, ds)
     try:
-        with Image.open(path):
-            return 1
+        with Image.open(path) as img:  # lazy: reads the header, decodes nothing
+            mode = img.mode
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"{path}: cannot read image header ({err})") from err
+    if mode not in (*_PIL_DIRECT_MODES, *_PIL_16BIT_MODES):
+        raise ValueError(f"{path}: unsupported image mode {mode!r}")
+    return 1
 
 
 def read_label_map(path: str | os.PathLike) -> np.ndarray:
@@ -369,11 +381,20 @@ class LoadFramed(MapTransform):
 
     The source path is kept in ``d[key + path_key_postfix]`` and the frame index in ``d[frame_key]``.
 
+    By default a frame that cannot be read raises (training: the data set is wrong). With ``refused_key`` (inference
+    over a folder scanned by its headers only, :func:`medgain.data.scan_folder` with ``decode=False``) it is
+    *refused* instead, so the batch goes on: ``d[refused_key]`` receives the reason (the reader's message, naming
+    the file and what is wrong) and ``d[key]`` a (3, 1, 1) zero image that stands in for it (a resize after this
+    transform brings it to the batch's size); a frame that was read gets ``""``. The handlers that write outputs
+    (:class:`~medgain.handlers.PredictionCSVWriter`, :class:`~medgain.handlers.HeatmapWriter`) give a refused
+    frame no score, no decision and no heatmap, and list it in ``errors.csv`` with its reason.
+
     Args:
         keys: keys of the image paths to load.
         frame_key: key of the frame index (read when present, 0 otherwise; always written).
         path_key_postfix: postfix of the key that receives the source path string.
         allow_missing_keys: don't raise when a key is missing.
+        refused_key: key that receives why a frame could not be read (``""`` when it was); None: raise instead.
     """
 
     def __init__(
@@ -382,19 +403,30 @@ class LoadFramed(MapTransform):
         frame_key: str = "frame",
         path_key_postfix: str = "_path",
         allow_missing_keys: bool = False,
+        refused_key: str | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.frame_key = frame_key
         self.path_key_postfix = path_key_postfix
+        self.refused_key = refused_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         frame = int(d.get(self.frame_key, 0))
+        reasons = []
         for key in self.key_iterator(d):
             path = str(d[key])
-            d[key] = torch.from_numpy(np.ascontiguousarray(read_frame(path, frame).transpose(2, 0, 1)))
+            try:
+                d[key] = torch.from_numpy(np.ascontiguousarray(read_frame(path, frame).transpose(2, 0, 1)))
+            except (ValueError, OSError) as err:
+                if self.refused_key is None:
+                    raise
+                d[key] = torch.zeros(3, 1, 1)
+                reasons.append(str(err))
             d[f"{key}{self.path_key_postfix}"] = path
         d[self.frame_key] = frame
+        if self.refused_key is not None:
+            d[self.refused_key] = "; ".join(reasons)
         return d
 
 

@@ -171,6 +171,7 @@ def unveil(
     noise: float = 0.15,
     chunk_size: int = 64,
     seed: int = 0,
+    sample_keys: Sequence[int] | torch.Tensor | None = None,
 ) -> list[UnveilResult]:
     """Unveil, one after the other, the regions behind each sample's target class.
 
@@ -181,6 +182,12 @@ def unveil(
     when ``steps`` regions were unveiled, when no new region is found, or when hiding the region raised the
     probability (that region is not evidence: it is left out of the result); the batch goes on for the others. The
     model's mode and parameter gradients are left untouched (as for :func:`medgain.saliency.saliency_map`).
+
+    A sample's regions depend on the sample alone, not on its batch: step ``k`` draws SmoothGrad noise with seed
+    ``seed + k`` from the sample's own generator, keyed by its ``sample_keys`` entry or, by default, by the
+    content of its current (partly hidden) image (:func:`medgain.saliency.sample_noise_seeds`). An image unveiled
+    alone and inside any batch gets the same noise, hence the same regions (up to floating-point differences of
+    batched convolutions, which the smoothing's threshold does not see in practice).
 
     Args:
         model: classifier returning (B, num_classes) or (B,) logits; eval mode for per-sample results.
@@ -199,7 +206,9 @@ def unveil(
         n_samples: SmoothGrad copies per image.
         noise: SmoothGrad noise level.
         chunk_size: SmoothGrad copies per pass.
-        seed: SmoothGrad noise seed.
+        seed: SmoothGrad noise seed (step ``k`` uses ``seed + k``).
+        sample_keys: one integer per sample identifying its SmoothGrad noise (e.g. its index in the data set), or
+            None to key it by the current image's content.
 
     Returns:
         one :class:`UnveilResult` per sample, masks on the CPU.
@@ -229,6 +238,9 @@ def unveil(
         classes = classes.expand(batch) if classes.numel() == 1 else classes
         if classes.numel() != batch:
             raise ValueError(f"unveil: target has {classes.numel()} entries for a batch of {batch}")
+    keys = None if sample_keys is None else torch.as_tensor(sample_keys).reshape(-1).cpu()
+    if keys is not None and keys.numel() != batch:
+        raise ValueError(f"unveil: sample_keys has {keys.numel()} entries for a batch of {batch}")
     stop_below = math.log(prob_threshold) - math.log1p(-prob_threshold)
     score = target_log_odds(logits, classes).cpu()
     results = [UnveilResult(int(c), float(s)) for c, s in zip(classes.tolist(), score.tolist())]
@@ -240,7 +252,10 @@ def unveil(
         if not active:
             break
         rows = torch.tensor(active, device=images.device)
-        _, sal = saliency_map(model, current[rows], classes[rows], source, seed=seed + step, **options)
+        step_keys = None if keys is None else keys[active]
+        _, sal = saliency_map(
+            model, current[rows], classes[rows], source, seed=seed + step, sample_keys=step_keys, **options
+        )
         region = smooth_mask(sal * ~hidden[rows], kernel_size, iterations, threshold) & ~hidden[rows]
         found = region.flatten(1).any(1).tolist()
         for i, ok in zip(active, found):
