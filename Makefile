@@ -17,11 +17,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# one pytest-xdist worker per core (TEST_WORKERS=0 runs in one process); tests/conftest.py gives each worker one
-# compute thread
+# one pytest-xdist worker per core (TEST_WORKERS=0 runs in one process), whole files to a worker, the slowest files
+# first (tests/conftest.py, which also gives each worker one compute thread)
 TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(BIN)/python -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal --durations=15 tests
+	$(BIN)/python -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 # the absolute `mlflow ui` command of a demo's store, as medgain.tracking.ui_command prints it: one server
 # (one web worker, no job consumers), so that Ctrl+C stops all of it

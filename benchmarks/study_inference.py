@@ -125,7 +125,8 @@ def write_checkpoint(path: Path, network: str, image_size: int, frames: list[Pat
     ``frames`` (the distinct frames of the study; 0.99: about 1 % of the frames flagged, as at a clinical operating
     point)."""
     torch.manual_seed(0)
-    spec = ModelSpec(network=network, num_classes=2, image_size=image_size, class_names=["normal", "lesion"])
+    spec = ModelSpec(network=network, num_classes=2, image_size=image_size, class_names=["normal", "lesion"],
+                     bundle="capsule_endoscopy_gain", modality="ES")
     model = build_network(spec).eval()
     with torch.no_grad():
         batch = torch.cat([load_resized(f, spec.image_size, "cpu") for f in frames])

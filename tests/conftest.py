@@ -105,3 +105,19 @@ def write_dicom(path: Path, arr: np.ndarray, photometric: str = "RGB", bits_stor
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+# `make test` hands whole files to its pytest-xdist workers (`--dist loadfile`: a file's module fixtures, such as
+# a trained bundle, are built once) in collection order (`--no-loadscope-reorder`). These files take longest
+# (measured with `--durations=0`), so they go first and the short ones fill the gaps at the end.
+SLOW_FILES_FIRST = [
+    "test_capsule_bundle.py", "test_study.py", "test_registry_bundles.py", "test_zoo.py", "test_reliability.py",
+    "test_registry.py", "test_every_network.py", "test_glimpse_bundle.py", "test_dermoscopy_training.py",
+    "test_wsi_bundle.py", "test_partner.py", "test_phi_tracking.py", "test_registry_server.py", "test_errors.py",
+    "test_outputs_atomic.py", "test_attention_crop_pipeline.py", "test_phi_pipeline.py",
+]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
