@@ -277,31 +277,6 @@ def test_single_class_validation_gives_nan_with_a_warning(dataset: Path, tmp_pat
     assert (tmp_path / "root" / "models" / "model.pt").is_file()  # a checkpoint is kept all the same
 
 
-def test_verify_net_in_out_and_torchscript_export(trained: Path, tmp_path: Path) -> None:
-    common = ["--meta_file", str(CONFIGS / "metadata.json"), "--bundle_root", str(trained)]
-    subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", *common,
-         "--config_file", str(CONFIGS / "train.yaml"), "--network", "small_cnn"],
-        check=True,
-    )
-    exported = tmp_path / "model.ts"
-    with_checkpoint = json.dumps([str(CONFIGS / "train.yaml"), str(CONFIGS / "evaluate.yaml")])  # spec from the file
-    subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(exported),
-         "--ckpt_file", str(trained / "models" / "model.pt"), "--key_in_ckpt", "model", *common,
-         "--config_file", with_checkpoint],
-        check=True,
-    )
-    scripted = torch.jit.load(str(exported))
-    from medgain.model_file import load_model_weights
-    from medgain.networks import build_classifier
-
-    net = build_classifier("small_cnn", 2).eval()
-    load_model_weights(net, trained / "models" / "model.pt")
-    x = torch.rand(2, 3, 64, 64)
-    torch.testing.assert_close(scripted.eval()(x), net(x))
-
-
 def test_multi_gpu_config_trains_with_two_processes(dataset: Path, tmp_path: Path) -> None:
     """multi_gpu_train.yaml under torchrun; without CUDA the two ranks are CPU processes on gloo."""
     root = tmp_path / "ddp"

@@ -163,8 +163,9 @@ def test_demo_settings_are_the_documented_ones() -> None:
 
 
 def test_glimpse_training_batches_are_plain_tensors(tmp_path: Path) -> None:
-    # issue 23 §1: the random flips returned MONAI MetaTensors, whose bookkeeping on every small op of the
-    # recurrent glimpse model cost about a third of a training step
+    # issue 23 §1: MONAI's random flips made MetaTensors, whose bookkeeping cost about a quarter of a training step
+    # and, on every small op of the recurrent glimpse model, a third more; `initialize` switches it off
+    import monai
     import torch
     from monai.bundle import ConfigParser
     from monai.data import MetaTensor
@@ -176,7 +177,13 @@ def test_glimpse_training_batches_are_plain_tensors(tmp_path: Path) -> None:
     parser = ConfigParser()
     parser.read_config(str(configs / "train.yaml"))
     parser.read_meta(str(configs / "metadata.json"))
-    parser.update({"bundle_root": str(tmp_path / "run"), "dataset_dir": str(tmp_path / "data"), "image_size": 32})
-    item = parser.get_parsed_content("train#dataset")[0]
+    parser.update({"bundle_root": str(tmp_path / "run"), "dataset_dir": str(tmp_path / "data"), "image_size": 32,
+                   "batch_size": 1})
+    try:
+        parser.get_parsed_content("initialize")
+        assert not monai.data.get_track_meta()
+        item = parser.get_parsed_content("train#dataset")[0]
+    finally:
+        monai.data.set_track_meta(True)
     for key in ("image", "mask"):
         assert isinstance(item[key], torch.Tensor) and not isinstance(item[key], MetaTensor), key

@@ -280,3 +280,15 @@ def test_the_shortcut_study_file_is_the_redone_design() -> None:
     am_only = [s for s in settings.values() if s["am_weight"] and not s["ex_weight"]]
     assert {(s["grad_magnitude"], "area_bounds" in s) for s in am_only} == {
         (1.0, False), (math.inf, False), (1.0, True), (math.inf, True)}
+
+
+def test_a_seed_subset_runs_part_of_the_grid_and_refuses_unknown_seeds(tmp_path: Path) -> None:
+    spec = load_study(_study_file(tmp_path, seeds=[0, 1, 2], data_seeds=[0, 1]))
+    part = spec.subset(seeds=[1], data_seeds=[0])
+    assert part.runs() == [RunKey("ex", 0, 1), RunKey("no_gain", 0, 1)]
+    assert set(part.runs()) < set(spec.runs()) and part.output_dir == spec.output_dir
+    assert spec.subset().runs() == spec.runs()
+    with pytest.raises(ValueError, match=r"study.yaml: seeds \[3\] must be some of the study's \[0, 1, 2\]"):
+        spec.subset(seeds=[3])
+    with pytest.raises(ValueError, match=r"data_seeds \[\] must be some"):
+        spec.subset(data_seeds=[])

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,19 @@ class StudySpec:
         """The configuration a configuration is compared with: the reference method on the same data variant."""
         _, variant = self.split_config(config)
         return self.reference if variant is None else f"{self.reference}{VARIANT_SEPARATOR}{variant}"
+
+    def subset(self, seeds: list[int] | None = None, data_seeds: list[int] | None = None) -> StudySpec:
+        """The same study on some of its seeds (a session-sized part of the grid; the rest runs later, as the
+        runner skips finished runs).
+
+        Raises:
+            ValueError: naming the study file, when a seed is not one of the study's.
+        """
+        for name, chosen, known in (("seeds", seeds, self.seeds), ("data_seeds", data_seeds, self.data_seeds)):
+            if chosen is not None and (not chosen or not set(chosen) <= set(known)):
+                raise ValueError(f"study file {self.path}: {name} {chosen} must be some of the study's {known}")
+        return replace(self, seeds=list(seeds if seeds is not None else self.seeds),
+                       data_seeds=list(data_seeds if data_seeds is not None else self.data_seeds))
 
     def runs(self) -> list[RunKey]:
         """Every run of the grid, configuration by configuration."""
