@@ -252,3 +252,16 @@ def test_valid_area_bounds_are_kept_as_floats() -> None:
     assert GAINHandler("features.act2", area_weight=1.0, area_bounds=[0, 1]).area_bounds == (0.0, 1.0)
     assert GAINHandler("features.act2", area_bounds=(0.05, 0.05)).area_bounds == (0.05, 0.05)
     assert GAINHandler("features.act2").area_bounds is None
+
+
+@pytest.mark.parametrize(("options", "warns"), [
+    ({"am_weight": 1.0, "grad_magnitude": 1.0}, True),  # the combination that stalled AM + EX
+    ({"am_weight": 1.0, "grad_magnitude": math.inf}, False),  # the bundles' setting
+    ({"am_weight": 1.0, "grad_magnitude": 1.0, "freeze_bn_on_erased": False}, False),
+    ({"am_weight": 0.0, "grad_magnitude": 1.0}, False),  # no mining, no erased path
+])
+def test_mining_that_trains_the_frozen_batchnorm_path_is_warned(options: dict, warns: bool,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="medgain.handlers.gain"):
+        GAINHandler("features.conv2", **options)
+    assert ("stalled training" in caplog.text) is warns

@@ -184,6 +184,13 @@ class GAINHandler:
         self._capture: ActivationCapture | None = None
         self._extra_inputs: tuple[tuple[Any, ...], dict[str, Any]] = ((), {})
         self._warned_no_mask = False
+        if self.am_weight > 0 and math.isfinite(self.grad_magnitude) and freeze_bn_on_erased:
+            logger.warning(
+                "GAIN: attention mining with the erased-path gradients on (grad_magnitude=%g) and BatchNorm frozen on "
+                "the erased images: the mining loss then trains the running-statistics network, which the "
+                "classification loss never sees, and with extra supervision this stalled training (docs/evidence.md, "
+                "Shortcut, rows am_ex, am_ex_bn_batch, am_ex_grad_off). Set grad_magnitude=inf (the bundles' "
+                "setting) or freeze_bn_on_erased=False.", self.grad_magnitude)
 
     def attach(self, engine: Engine) -> None:
         """Register on the trainer's events; the target layer of ``engine.network`` is hooked when the run starts
