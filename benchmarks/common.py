@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from medgain.metrics.bootstrap import weighted_auc
+from medgain.metrics.bootstrap import cluster_indices, weighted_auc
 from medgain.metrics.roc import checked_scores
 from medgain.model_file import atomic_write
 
@@ -207,12 +207,7 @@ def paired_bootstrap_differences(
         values, inverse = np.unique(s, return_inverse=True)
         ranks[name] = (inverse, values.size)
         correct[name] = ((s >= threshold) == (y == 1)).astype(np.float64)
-    if groups is None:
-        cluster = np.arange(y.size)
-    else:
-        if len(groups) != y.size:
-            raise ValueError(f"paired_bootstrap_differences: {len(groups)} groups for {y.size} scores")
-        cluster = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)[1]
+    cluster = cluster_indices(groups, y.size, "paired_bootstrap_differences")
     n_clusters = int(cluster.max()) + 1
     methods = [name for name in scores if name != reference]
     rng = np.random.default_rng(seed)

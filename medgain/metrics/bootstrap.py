@@ -11,7 +11,7 @@ import torch
 
 from medgain.metrics.roc import checked_scores
 
-__all__ = ["auc_score", "bootstrap_auc", "oof_auc_summary", "weighted_auc"]
+__all__ = ["auc_score", "bootstrap_auc", "cluster_indices", "oof_auc_summary", "weighted_auc"]
 
 
 def weighted_auc(inverse: np.ndarray, y: np.ndarray, weights: np.ndarray, n_values: int) -> float:
@@ -32,6 +32,19 @@ def weighted_auc(inverse: np.ndarray, y: np.ndarray, weights: np.ndarray, n_valu
         return math.nan
     below = np.cumsum(neg) - neg
     return float((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg))
+
+
+def cluster_indices(groups: Sequence[object] | None, n: int, caller: str) -> np.ndarray:
+    """The resampling unit of each of ``n`` samples as indices 0..k-1: its group (e.g. a patient), else itself.
+
+    Raises:
+        ValueError: naming ``caller``, when ``groups`` does not hold one entry per sample.
+    """
+    if groups is None:
+        return np.arange(n)
+    if len(groups) != n:
+        raise ValueError(f"{caller}: {len(groups)} groups for {n} scores")
+    return np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)[1]
 
 
 def auc_score(
@@ -90,12 +103,7 @@ def bootstrap_auc(
     if n_pos == 0 or n_pos == y.size:
         raise ValueError(f"bootstrap_auc: needs both classes, got {n_pos} positive and {y.size - n_pos} negative")
     values, inverse = np.unique(s, return_inverse=True)
-    if groups is None:
-        cluster = np.arange(y.size)
-    else:
-        if len(groups) != y.size:
-            raise ValueError(f"bootstrap_auc: {len(groups)} groups for {y.size} scores")
-        cluster = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)[1]
+    cluster = cluster_indices(groups, y.size, "bootstrap_auc")
     n_clusters = int(cluster.max()) + 1
     rng = np.random.default_rng(seed)
     estimates = np.empty(n_bootstrap)
