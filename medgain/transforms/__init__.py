@@ -2,6 +2,7 @@
 
 from .hair import DrawHair, DrawHaird, hair_alpha
 from .io import DICOM_SUFFIXES, LoadFramed, LoadLabelMapd, count_frames, iter_frames, read_frame, read_label_map
+from .meta import WithoutMetad
 from .label_map import LabelMapToMaskd, ResizeLesionMaskd, as_label_tuple, resize_lesion_mask
 from .resize import ResizeImaged
 
@@ -21,4 +22,5 @@ __all__ = [
     "read_frame",
     "read_label_map",
     "resize_lesion_mask",
+    "WithoutMetad",
 ]
