@@ -277,6 +277,27 @@ def test_single_class_validation_gives_nan_with_a_warning(dataset: Path, tmp_pat
     assert (tmp_path / "root" / "models" / "model.pt").is_file()  # a checkpoint is kept all the same
 
 
+def test_verify_net_in_out_and_torchscript_export_of_the_trained_model(trained: Path, tmp_path: Path) -> None:
+    """MONAI's verify_net_in_out and ckpt_export on the trained model with the training / evaluation configs (in
+    process, as `python -m monai.bundle` calls them; tests/test_zoo.py runs them as subprocesses on inference.yaml)."""
+    from monai.bundle import ckpt_export, verify_net_in_out
+
+    common = {"meta_file": str(CONFIGS / "metadata.json"), "bundle_root": str(trained)}
+    verify_net_in_out(net_id="network_def", config_file=str(CONFIGS / "train.yaml"), network="small_cnn", **common)
+    exported = tmp_path / "model.ts"
+    ckpt_export(net_id="network_def", filepath=str(exported), ckpt_file=str(trained / "models" / "model.pt"),
+                key_in_ckpt="model", config_file=[str(CONFIGS / "train.yaml"), str(CONFIGS / "evaluate.yaml")],
+                **common)  # the network spec from the model file
+    scripted = torch.jit.load(str(exported))
+    from medgain.model_file import load_model_weights
+    from medgain.networks import build_classifier
+
+    net = build_classifier("small_cnn", 2).eval()
+    load_model_weights(net, trained / "models" / "model.pt")
+    x = torch.rand(2, 3, 64, 64)
+    torch.testing.assert_close(scripted.eval()(x), net(x))
+
+
 def test_multi_gpu_config_trains_with_two_processes(dataset: Path, tmp_path: Path) -> None:
     """multi_gpu_train.yaml under torchrun; without CUDA the two ranks are CPU processes on gloo."""
     root = tmp_path / "ddp"
