@@ -41,8 +41,9 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("derm_root")
+    # AM switched on (the default is EX alone) to test the second forward through the fused model
     _run("training", ["train.yaml"], bundle_root=str(root), dataset_dir=str(dataset), max_epochs=1,
-         am_start_epoch=0, **TINY)
+         am_weight=1.0, am_start_epoch=0, **TINY)
     return root
 
 

@@ -92,6 +92,43 @@ def test_cli_writes_the_data_set(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "max_size" in capsys.readouterr().err
 
 
+def test_fold_table_keeps_the_ink_in_the_shortcut_folds_and_probe_twins_differ_by_the_ink_only(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["synth", "dermoscopy", "--out", str(tmp_path), "--n-images", "60", "--seed", "2", "--prevalence", "0.3",
+            "--images-per-patient", "2", "--min-size", "48", "--max-size", "64", "--shortcut-rate", "1"]
+    assert main([*args, "--n-folds", "3", "--test-fraction", "0.3", "--shortcut-folds", "1", "2", "--ink-probe"]) == 0
+    rows = {r["image_name"]: r for r in _rows(tmp_path / "train.csv")}
+    folds = {Path(r["image"]).stem: r for r in _rows(tmp_path / "folds.csv")}
+    assert set(folds) == set(rows)
+    # the fold table is the bundle's own draw for this seed, and no patient spans two folds
+    items = [{"image": n, "patient": r["patient_id"], "label": int(r["target"])} for n, r in rows.items()]
+    from medgain.data import draw_patient_folds, read_folds_csv
+
+    drawn = draw_patient_folds([i["label"] for i in items], [i["patient"] for i in items], 3, 2, 0.3)
+    assert [int(folds[i["image"]]["fold"]) for i in items] == drawn.tolist()
+    read_folds_csv(tmp_path / "folds.csv")
+    summary = json.loads((tmp_path / "dataset.json").read_text())
+    per_fold = summary["folds"]
+    assert per_fold["-1"]["ink_markings"] == per_fold["0"]["ink_markings"] == 0  # clean test and validation
+    assert per_fold["1"]["ink_markings"] == per_fold["1"]["malignant"] > 0  # every training melanoma, rate 1
+    assert summary["ink_markings"] == per_fold["1"]["malignant"] + per_fold["2"]["malignant"]
+    twins = sorted(p.stem for p in (tmp_path / "probe" / "images").glob("*.jpg"))
+    assert twins == sorted(n for n in rows if folds[n]["fold"] == "-1")
+    for name in twins[:4]:
+        clean = np.asarray(Image.open(tmp_path / "images" / f"{name}.jpg")).astype(int)
+        twin = np.asarray(Image.open(tmp_path / "probe" / "images" / f"{name}.jpg")).astype(int)
+        ink = np.asarray(Image.open(tmp_path / "probe" / "masks" / f"{name}_segmentation.png")) > 0
+        lesion = np.asarray(Image.open(tmp_path / "masks" / f"{name}_segmentation.png")) > 0
+        changed = np.abs(twin - clean).sum(-1) > 60
+        assert ink.any() and not (ink & lesion).any()
+        assert changed[~ink].mean() < 0.01 and changed[ink].mean() > 0.3  # the twin differs where the ink is
+    with pytest.raises(ValueError, match="need n_folds"):
+        make_dermoscopy_dataset(tmp_path / "x", 4, ink_probe=True)
+    assert main([*args, "--n-folds", "3", "--shortcut-folds", "5"]) == 1
+    assert "shortcut_folds must be folds of -1 .. 2" in capsys.readouterr().err
+
+
 def test_isic_reader_keeps_every_row_and_missing_values_as_unknown(synth: Path) -> None:
     items = read_dermoscopy_csv(synth / "train.csv", synth / "images", synth / "masks")
     rows = _rows(synth / "train.csv")

@@ -260,7 +260,8 @@ def test_data_variants_cross_every_method_with_every_data_set(tmp_path: Path) ->
     ({"data_variants": {"clean": {}, "confounded": [1]}}, "data variant 'confounded' must be a mapping"),
     ({"data_variants": {"clean": {}, "confounded": {}}, "data": {"dataset_dir": "."}}, "'data_variants' needs"),
     ({"marker_probe": "yes"}, "'marker_probe' must be true or false"),
-    ({"marker_probe": True, "data": {"synth": "dermoscopy"}}, "'marker_probe' needs 'data: {synth: capsule}'"),
+    ({"marker_probe": True, "data": {"synth": "wsi"}}, "'marker_probe' needs 'data: {synth: capsule}'"),
+    ({"marker_probe": True, "data": {"synth": "dermoscopy"}}, "'marker_probe' on dermoscopy data needs 'ink_probe"),
     ({"checkpoint": "/abs/model.pt"}, "'checkpoint' must be a model file path relative"),
     ({"data_variants": {"clean": {}, "confounded": {}}, "gap": ["no_gain", "ex"]}, "'gap' must name two"),
 ])
@@ -293,3 +294,8 @@ def test_a_seed_subset_runs_part_of_the_grid_and_refuses_unknown_seeds(tmp_path:
         spec.subset(seeds=[3])
     with pytest.raises(ValueError, match=r"data_seeds \[\] must be some"):
         spec.subset(data_seeds=[])
+    assert spec.subset(seeds=[0], data_seeds=[0], methods=["ex"]).runs() == [RunKey("ex", 0, 0)]
+    with pytest.raises(ValueError, match=r"methods \['am'\] must be some of the study's \['ex', 'no_gain'\]"):
+        spec.subset(methods=["am"])
+    crossed = load_study(_study_file(tmp_path, data_variants={"clean": {}, "confounded": {"shortcut_rate": 0.8}}))
+    assert [k.config for k in crossed.subset(seeds=[0], methods=["ex"]).runs()] == ["ex@clean", "ex@confounded"]

@@ -12,7 +12,7 @@ from medgain.cli._args import bounded
 def _run_study_run(args: argparse.Namespace) -> int:
     from medgain.study import load_study, run_study
 
-    spec = load_study(args.study).subset(args.seeds, args.data_seeds)
+    spec = load_study(args.study).subset(args.seeds, args.data_seeds, args.methods)
     outcomes = run_study(spec, workers=args.workers)
     counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "skipped", "failed")}
     print(f"study {spec.name}: {counts['done']} run(s) done, {counts['skipped']} finished earlier (skipped), "
@@ -51,6 +51,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--data-seeds", type=bounded(int, 0), nargs="+", default=None,
                      help="run only these of the study's data seeds (default: all of them); the report reads "
                           "whatever runs have finished, and a later full run skips them")
+    run.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                     help="run only these of the study's configurations, each on all its data variants (default: "
+                          "all of them)")
     run.set_defaults(func=_run_study_run)
     report = commands.add_parser("report", help="Markdown + CSV tables and plots of the finished runs")
     report.add_argument("study", type=Path, help="study YAML file")

@@ -101,6 +101,10 @@ def _run_synth_dermoscopy(args: argparse.Namespace) -> int:
         images_per_patient=args.images_per_patient,
         min_size=args.min_size,
         max_size=args.max_size,
+        n_folds=args.n_folds,
+        test_fraction=args.test_fraction,
+        shortcut_folds=args.shortcut_folds,
+        ink_probe=args.ink_probe,
         progress=print_progress("synthetic dermoscopy images"),
     )
     summary = json.loads((csv_path.parent / "dataset.json").read_text())
@@ -141,6 +145,17 @@ def _add_synth_dermoscopy_parser(commands: argparse._SubParsersAction) -> None:
     )
     add("--min-size", type=bounded(int, 32), default=600, help="smallest longer image side (default: %(default)s)")
     add("--max-size", type=bounded(int, 32), default=2000, help="largest longer image side (default: %(default)s)")
+    add("--n-folds", type=bounded(int, 0), default=0,
+        help="write folds.csv, the bundle's fold table (its folds_source), with this many cross-validation folds and a "
+        "test fold -1 (default: %(default)s, none)")
+    add("--test-fraction", type=bounded(float, 0.0, 0.9), default=0.2,
+        help="share of the patients in the test fold of folds.csv (default: %(default)s)")
+    add("--shortcut-folds", type=int, nargs="+", default=None, metavar="FOLD",
+        help="only melanomas of these folds carry ink, e.g. 1 2 for the training folds of a run validated on fold 0 "
+        "(default: any melanoma; needs --n-folds)")
+    add("--ink-probe", action="store_true",
+        help="also write every clean test image again with its ink markings, and the ink's pixels, under probe/ "
+        "(the ink-reliance probe of a shortcut study; needs --n-folds)")
     dermoscopy.set_defaults(func=_run_synth_dermoscopy)
 
 

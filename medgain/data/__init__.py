@@ -13,7 +13,9 @@ from medgain.data.dermoscopy_splits import (
     TEST_FOLD,
     dermoscopy_cv_items,
     dermoscopy_inference_items,
+    draw_patient_folds,
     fold_items,
+    write_fold_table,
 )
 from medgain.data.fill_color import cached_fill_color, erase_fill
 from medgain.data.folds import (
@@ -35,7 +37,9 @@ __all__ = [
     "TEST_FOLD",
     "dermoscopy_cv_items",
     "dermoscopy_inference_items",
+    "draw_patient_folds",
     "fold_items",
+    "write_fold_table",
     "assign_folds",
     "check_patient_splits",
     "check_predictive_metadata",

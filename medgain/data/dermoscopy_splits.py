@@ -15,7 +15,10 @@ from medgain.data.datalist import scan_folder
 from medgain.data.dermoscopy import read_dermoscopy_csv
 from medgain.data.folds import FOLDS_COLUMNS, check_patient_splits, grouped_stratified_folds, read_folds_csv
 
-__all__ = ["TEST_FOLD", "dermoscopy_cv_items", "dermoscopy_inference_items", "fold_items"]
+__all__ = [
+    "TEST_FOLD", "dermoscopy_cv_items", "dermoscopy_inference_items", "draw_patient_folds", "fold_items",
+    "write_fold_table",
+]
 
 #: fold number of the held-out test images in the fold table.
 TEST_FOLD = -1
@@ -27,7 +30,29 @@ def _patient_folds(path: Path) -> dict[str, int]:
         return {row["patient"]: int(row["fold"]) for row in csv.DictReader(f)}
 
 
-def _write_table(items: Sequence[Mapping[str, Any]], path: Path) -> None:
+def draw_patient_folds(
+    labels: Sequence[int], patients: Sequence[str], n_folds: int, seed: int = 0, test_fraction: float = 0.2
+) -> np.ndarray:
+    """The folds :func:`dermoscopy_cv_items` draws: a label-stratified ``test_fraction`` of the patients held out
+    (fold :data:`TEST_FOLD`; ``1 / test_fraction`` rounded is the number of groups it is drawn from), the rest in
+    ``n_folds`` grouped, stratified folds (:func:`grouped_stratified_folds`).
+
+    Returns:
+        (N,) int64 fold per sample.
+    """
+    y = np.asarray(labels)
+    held = np.zeros(len(y), bool)
+    if test_fraction > 0:
+        held = grouped_stratified_folds(y, patients, max(2, round(1.0 / test_fraction)), seed) == 0
+    rest = np.flatnonzero(~held)
+    folds = np.full(len(y), TEST_FOLD, np.int64)
+    folds[rest] = grouped_stratified_folds(y[rest], [patients[i] for i in rest], n_folds, seed + 1)
+    return folds
+
+
+def write_fold_table(items: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """Write a fold table (columns ``image, patient, label, fold``) atomically, as ``folds_source`` reads it."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("w", newline="") as f:
@@ -119,18 +144,11 @@ def dermoscopy_cv_items(
                     f"is in training fold {patient_fold[item['patient']]} of {source}"
                 )
     else:
-        labels = np.asarray([item["label"] for item in items])
-        patients = [item["patient"] for item in items]
-        held = np.zeros(len(items), bool)
-        if test_csv is None and test_fraction > 0:
-            groups = max(2, round(1.0 / test_fraction))
-            held = grouped_stratified_folds(labels, patients, groups, seed) == 0
-        rest = np.flatnonzero(~held)
-        folds = np.full(len(items), TEST_FOLD, np.int64)
-        folds[rest] = grouped_stratified_folds(labels[rest], [patients[i] for i in rest], n_folds, seed + 1)
+        folds = draw_patient_folds([item["label"] for item in items], [item["patient"] for item in items], n_folds,
+                                   seed, test_fraction if test_csv is None else 0.0)
         assigned = [{**item, "fold": int(fold)} for item, fold in zip(items, folds)]
     everything = assigned + test
-    _write_table(everything, table)
+    write_fold_table(everything, table)
     return {
         "cv": [item for item in assigned if item["fold"] != TEST_FOLD],
         "test": [item for item in everything if item["fold"] == TEST_FOLD],

@@ -1,5 +1,7 @@
 """The marker-reliance probe of a shortcut study: how much a trained model's lesion score and attention move when
-the synthetic capsule marker (:func:`medgain.synth.capsule.burn_marker`) is burnt into clean test frames.
+the synthetic capsule marker (:func:`medgain.synth.capsule.burn_marker`) is burnt into clean test frames, or when
+the clean test images of a synthetic dermoscopy set are replaced by their inked twins (``medgain synth dermoscopy
+--ink-probe``: the same image with the ink markings of the shortcut, and the ink's pixels).
 
 AUC on clean test frames barely sees a shortcut; the probe asks the model directly. For every test frame it runs
 the model on the frame as it is and on the same frame with the marker, and keeps the log-odds of being ill of
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from medgain.attention import grad_cam
 from medgain.metrics import positive_score
@@ -26,7 +29,7 @@ from medgain.model_file import atomic_write, load_checkpoint, load_model, load_m
 from medgain.synth.capsule import burn_marker, marker_mask
 from medgain.transforms.io import read_frame
 
-__all__ = ["PROBE_FILE", "marker_attention", "probe_frames", "run_marker_probe"]
+__all__ = ["PROBE_FILE", "marker_attention", "probe_frames", "run_marker_probe", "run_twin_probe"]
 
 #: written into a run's folder by :func:`run_marker_probe`
 PROBE_FILE = "marker_probe.json"
@@ -52,6 +55,14 @@ def _region(frame_size: int, input_size: Sequence[int]) -> torch.Tensor:
     """The marker's pixels at the network input size: a pixel counts when the marker covers any of it."""
     mask = torch.from_numpy(marker_mask(frame_size)).float()[None, None]
     return F.interpolate(mask, size=tuple(input_size), mode="area")[0, 0] > 0
+
+
+def _ink_region(path: Path, input_size: tuple[int, int]) -> torch.Tensor:
+    """The pixels of an ink mask image at the network input size: a pixel counts when the ink touches any of it
+    (as :func:`_region`; the lesion masks' half-coverage rule would drop strokes thinner than a pixel)."""
+    with Image.open(path) as image:
+        ink = torch.from_numpy(np.asarray(image.convert("L")) > 0).float()[None, None]
+    return F.interpolate(ink, size=input_size, mode="area")[0, 0] > 0
 
 
 def _prepare(frames: np.ndarray, input_size: Sequence[int]) -> torch.Tensor:
@@ -118,33 +129,114 @@ def run_marker_probe(
         FileNotFoundError: when the model file is missing.
         ValueError: naming the model file when it is not a medgain model file, or a frame that is not square RGB.
     """
+    model_path, cached = _cached(run_dir, checkpoint)
+    if cached is not None:
+        return cached
+    spec = load_model_spec(model_path)
+    model = load_model(model_path)
+    frames = np.stack([_frame_uint8(str(i["image"]), int(i.get("frame", 0))) for i in items])
+    values = probe_frames(model, frames, spec.image_size, spec.target_layer)
+    area = float(_region(frames.shape[1], spec.image_size).double().mean())
+    return _store(run_dir, model_path, items, dataset_dir, area, {k: v.tolist() for k, v in values.items()})
+
+
+def _cached(run_dir: str | os.PathLike, checkpoint: str) -> tuple[Path, dict[str, Any] | None]:
+    """The model file of a run, and its probe when ``marker_probe.json`` was written for this very file."""
     model_path = Path(run_dir) / checkpoint
     if not model_path.is_file():
         raise FileNotFoundError(f"marker probe: no model file {model_path}")
     cache = Path(run_dir) / PROBE_FILE
-    mtime = model_path.stat().st_mtime_ns
     if cache.is_file():
         cached = json.loads(cache.read_text())
-        if cached.get("checkpoint_mtime") == mtime:
-            return cached
-    spec = load_model_spec(model_path)
+        if cached.get("checkpoint_mtime") == model_path.stat().st_mtime_ns:
+            return model_path, cached
+    return model_path, None
+
+
+def _store(run_dir: str | os.PathLike, model_path: Path, items: Sequence[dict[str, Any]],
+           dataset_dir: str | os.PathLike, marker_area: float, values: dict[str, list[float]]) -> dict[str, Any]:
+    """The probe's result (see :func:`run_marker_probe`), written atomically to ``marker_probe.json``."""
     stored = load_checkpoint(model_path)
     threshold = (stored.get("operating_point") or {}).get("threshold")
-    model = load_model(model_path)
-    frames = np.stack([_frame_uint8(str(i["image"]), int(i.get("frame", 0))) for i in items])
-    input_size = spec.image_size
-    values = probe_frames(model, frames, input_size, spec.target_layer)
     base = os.path.abspath(dataset_dir)
-    ids = [f"{Path(os.path.relpath(os.path.abspath(str(i['image'])), base)).as_posix()}#{int(i.get('frame', 0))}"
-           for i in items]
     result = {
-        "checkpoint_mtime": mtime,
+        "checkpoint_mtime": model_path.stat().st_mtime_ns,
         "epoch": int(stored["epoch"]) if stored.get("epoch") is not None else None,
         "threshold": float(threshold) if threshold is not None and math.isfinite(float(threshold)) else None,
-        "marker_area": float(_region(frames.shape[1], input_size).double().mean()),
-        "ids": ids,
+        "marker_area": marker_area,
+        "ids": [f"{Path(os.path.relpath(os.path.abspath(str(i['image'])), base)).as_posix()}#{int(i.get('frame', 0))}"
+                for i in items],
         "labels": [int(int(i["label"]) != 0) for i in items],
-        **{k: v.tolist() for k, v in values.items()},
+        **values,
     }
-    atomic_write(cache, lambda f: f.write(json.dumps(result).encode()))
+    atomic_write(Path(run_dir) / PROBE_FILE, lambda f: f.write(json.dumps(result).encode()))
     return result
+
+
+def run_twin_probe(
+    run_dir: str | os.PathLike,
+    bundle: str | os.PathLike,
+    config_files: Sequence[str],
+    overrides: dict[str, Any],
+    dataset_dir: str | os.PathLike,
+    checkpoint: str,
+) -> dict[str, Any]:
+    """The probe of one run on twin images, as :func:`run_marker_probe` gives it (cached the same way).
+
+    Each evaluated item (the bundle's ``eval_items``: the clean test images with their encoded metadata) is scored
+    as it is and with its image replaced by ``<dataset_dir>/probe/images/<name>`` (the twin with the shortcut's
+    ink); the twin's Grad-CAM share on ``probe/masks/<stem>_segmentation.png`` (the ink's pixels) is its marker
+    attention. Images go through the bundle's own ``validate#preprocessing``, one view each (no test-time
+    augmentation), so the run's config must give ``tta_views: 1`` for the shipped threshold to apply.
+
+    Args:
+        run_dir: the run's bundle root.
+        bundle: the bundle folder.
+        config_files: its evaluation config files (``train.yaml``, ``evaluate.yaml``).
+        overrides: the run's evaluation overrides (data set, fold table, split, ...).
+        dataset_dir: the data set, to name images as the study report does (``file#0``).
+        checkpoint: the shipped model file, relative to ``run_dir``.
+
+    Raises:
+        FileNotFoundError: for a missing model file, or an evaluated image without a twin or an ink mask.
+        ValueError: when the config gives more than one test-time view.
+    """
+    from monai.bundle import ConfigParser
+
+    model_path, cached = _cached(run_dir, checkpoint)
+    if cached is not None:
+        return cached
+    parser = ConfigParser()
+    parser.read_meta(str(Path(bundle) / "configs" / "metadata.json"))
+    parser.read_config([str(Path(bundle) / "configs" / name) for name in config_files])
+    parser.update({**overrides, "bundle_root": str(run_dir)})
+    parser.get_parsed_content("imports")
+    if int(parser.get_parsed_content("tta_views")) != 1:
+        raise ValueError(f"ink probe of {run_dir}: the probe scores one view; give the study tta_views: 1")
+    items = parser.get_parsed_content("eval_items")
+    transform = parser.get_parsed_content("validate#preprocessing")
+    metadata_keys = list(parser.get_parsed_content("metadata_keys"))
+    spec = load_model_spec(model_path)
+    model = load_model(model_path)
+    probe = Path(dataset_dir) / "probe"
+    out: dict[str, list[float]] = {"score_clean": [], "score_marked": [], "marker_attention": [], "area": []}
+    for item in items:
+        name = Path(str(item["image"])).name
+        twin = probe / "images" / name
+        ink = probe / "masks" / f"{Path(name).stem}_segmentation.png"
+        for path in (twin, ink):
+            if not path.is_file():
+                raise FileNotFoundError(f"ink probe: {path} not found (the data set needs `--ink-probe`)")
+        clean = transform(dict(item))
+        marked = transform({**item, "image": str(twin)})
+        args = [torch.as_tensor(clean[k])[None] for k in metadata_keys]
+        with torch.no_grad():
+            out["score_clean"].append(float(positive_score(model(torch.as_tensor(clean["image"])[None], *args))[0]))
+            logits, cam = grad_cam(model, torch.as_tensor(marked["image"])[None], spec.target_layer, class_index=1,
+                                   forward_args=args)
+        region = _ink_region(ink, tuple(marked["image"].shape[-2:]))
+        out["score_marked"].append(float(positive_score(logits)[0]))
+        out["marker_attention"].append(float(marker_attention(cam, region)[0]))
+        out["area"].append(float(region.double().mean()))
+    area = float(np.mean(out.pop("area"))) if items else 0.0
+    return _store(run_dir, model_path, items, dataset_dir, area, out)

@@ -28,7 +28,7 @@ import numpy as np
 from medgain.data import expand_frames, load_datalist
 from medgain.metrics import min_negatives, weighted_auc
 from medgain.model_file import load_checkpoint
-from medgain.study.probe import run_marker_probe
+from medgain.study.probe import run_marker_probe, run_twin_probe
 from medgain.study.runner import RESULT_FILE
 from medgain.study.spec import VARIANT_SEPARATOR, RunKey, StudySpec
 
@@ -218,16 +218,22 @@ def load_runs(spec: StudySpec) -> dict[str, list[RunData]]:
         model_file = folder / spec.checkpoint
         stored = load_checkpoint(model_file) if model_file.is_file() else {}
         epoch = stored.get("epoch") if isinstance(stored, dict) else None
-        probe = _probe(spec, folder, dataset_dir, ids) if spec.marker_probe else None
+        probe = _probe(spec, key, dataset_dir, ids) if spec.marker_probe else None
         out[key.config].append(RunData(key, ids, scores, labels, decisions, result["metrics"],
                                        None if epoch is None else int(epoch), probe))
     return out
 
 
-def _probe(spec: StudySpec, folder: Path, dataset_dir: Path, ids: list[str]) -> dict[str, np.ndarray]:
-    """The marker probe of a run on its evaluated split, in the order of ``ids``."""
-    items = expand_frames(load_datalist(dataset_dir / "datalist.json", spec.split))
-    probe = run_marker_probe(folder, items, dataset_dir, spec.checkpoint)
+def _probe(spec: StudySpec, key: RunKey, dataset_dir: Path, ids: list[str]) -> dict[str, np.ndarray]:
+    """The marker probe of a run on its evaluated split (capsule: the marker burnt in; dermoscopy: the inked
+    twins), in the order of ``ids``."""
+    folder = spec.run_dir(key)
+    if spec.data.get("synth") == "dermoscopy":
+        probe = run_twin_probe(folder, spec.bundle, spec.evaluate_configs, spec.evaluation_overrides(key),
+                               dataset_dir, spec.checkpoint)
+    else:
+        items = expand_frames(load_datalist(dataset_dir / "datalist.json", spec.split))
+        probe = run_marker_probe(folder, items, dataset_dir, spec.checkpoint)
     position = {sample: i for i, sample in enumerate(probe["ids"])}
     if set(position) != set(ids):
         raise ValueError(f"{folder / 'marker_probe.json'}: the probe's frames are not those of the evaluation")
@@ -569,11 +575,24 @@ def _marked_frames(spec: StudySpec, runs: dict[str, list[RunData]]) -> list[str]
             if folder in seen or not (folder / "dataset.json").is_file():
                 continue
             seen.add(folder)
-            splits = json.loads((folder / "dataset.json").read_text()).get("splits", {})
+            summary = json.loads((folder / "dataset.json").read_text())
+            splits = summary.get("splits") or _fold_splits(summary.get("folds") or {}, int(spec.train.get("fold", 0)))
             counts = " | ".join(f"{splits.get(s, {}).get('shortcuts', 'n/a')} / "
                                 f"{splits.get(s, {}).get('frames', 'n/a')}" for s in ("training", "validation", "test"))
             rows.append(f"| `{variant or config}` | {run.key.data_seed} | {counts} |")
     return rows
+
+
+def _fold_splits(folds: dict[str, dict[str, int]], validation: int) -> dict[str, dict[str, int]]:
+    """Marked / all images per split from a dermoscopy data set's per-fold counts (``dataset.json`` ``folds``):
+    fold -1 is the test split, ``validation`` the validation fold, the other folds train."""
+    out: dict[str, dict[str, int]] = {}
+    for fold, counts in folds.items():
+        split = "test" if int(fold) == -1 else "validation" if int(fold) == validation else "training"
+        total = out.setdefault(split, {"shortcuts": 0, "frames": 0})
+        total["shortcuts"] += int(counts["ink_markings"])
+        total["frames"] += int(counts["images"])
+    return out
 
 
 def _design_markdown(spec: StudySpec, runs: dict[str, list[RunData]], penalties: list[dict[str, Any]],
@@ -592,8 +611,11 @@ def _design_markdown(spec: StudySpec, runs: dict[str, list[RunData]], penalties:
                   "chooses the checkpoint and the operating point without the marker.", "",
                   "| data | data seed | training | validation | test |", "| --- | --- | --- | --- | --- |", *marked]
     if spec.marker_probe:
+        marker = ("The ink markings of the shortcut (`medgain synth dermoscopy --ink-probe`: each clean test image "
+                  "rendered again with its ink)" if spec.data.get("synth") == "dermoscopy" else
+                  "The marker (`medgain synth capsule --shortcut-rate`) burnt into every clean test frame")
         lines += ["", "## Marker-reliance probe", "",
-                  "The marker (`medgain synth capsule --shortcut-rate`) burnt into every clean test frame: "
+                  marker + ": "
                   "`dlogodds_*` is the mean change of the log-odds of being ill (marked minus clean) on normal / "
                   "lesion frames; `false_alarms_clean` / `false_alarms_marked` the fraction of normal frames at or "
                   "above the shipped threshold without / with the marker; `marker_attention` the share of the "

@@ -122,18 +122,22 @@ class StudySpec:
         _, variant = self.split_config(config)
         return self.reference if variant is None else f"{self.reference}{VARIANT_SEPARATOR}{variant}"
 
-    def subset(self, seeds: list[int] | None = None, data_seeds: list[int] | None = None) -> StudySpec:
-        """The same study on some of its seeds (a session-sized part of the grid; the rest runs later, as the
-        runner skips finished runs).
+    def subset(self, seeds: list[int] | None = None, data_seeds: list[int] | None = None,
+               methods: list[str] | None = None) -> StudySpec:
+        """The same study on some of its seeds and methods (a session-sized part of the grid; the rest runs later,
+        as the runner skips finished runs). A method keeps all its data variants.
 
         Raises:
-            ValueError: naming the study file, when a seed is not one of the study's.
+            ValueError: naming the study file, when a seed or a method is not one of the study's.
         """
-        for name, chosen, known in (("seeds", seeds, self.seeds), ("data_seeds", data_seeds, self.data_seeds)):
+        for name, chosen, known in (("seeds", seeds, self.seeds), ("data_seeds", data_seeds, self.data_seeds),
+                                    ("methods", methods, self.methods)):
             if chosen is not None and (not chosen or not set(chosen) <= set(known)):
                 raise ValueError(f"study file {self.path}: {name} {chosen} must be some of the study's {known}")
         return replace(self, seeds=list(seeds if seeds is not None else self.seeds),
-                       data_seeds=list(data_seeds if data_seeds is not None else self.data_seeds))
+                       data_seeds=list(data_seeds if data_seeds is not None else self.data_seeds),
+                       configs={c: o for c, o in self.configs.items()
+                                if methods is None or self.split_config(c)[0] in methods})
 
     def runs(self) -> list[RunKey]:
         """Every run of the grid, configuration by configuration."""
@@ -272,8 +276,11 @@ def load_study(path: str | os.PathLike) -> StudySpec:
     marker_probe = raw.get("marker_probe", False)
     if not isinstance(marker_probe, bool):
         _fail(path, f"'marker_probe' must be true or false, got {marker_probe!r}")
-    if marker_probe and data.get("synth") != "capsule":
-        _fail(path, "'marker_probe' needs 'data: {synth: capsule}' (it burns the capsule generator's marker)")
+    if marker_probe and data.get("synth") not in ("capsule", "dermoscopy"):
+        _fail(path, "'marker_probe' needs 'data: {synth: capsule}' (it burns the capsule generator's marker) or "
+                    "'data: {synth: dermoscopy}' (it scores the inked twins of the test images)")
+    if marker_probe and data.get("synth") == "dermoscopy" and not (data.get("args") or {}).get("ink_probe"):
+        _fail(path, "'marker_probe' on dermoscopy data needs 'ink_probe: true' in 'data.args' (the inked twins)")
     checkpoint = raw.get("checkpoint", "models/model.pt")
     if not isinstance(checkpoint, str) or not checkpoint or Path(checkpoint).is_absolute():
         _fail(path, f"'checkpoint' must be a model file path relative to a run's folder, got {checkpoint!r}")

@@ -16,12 +16,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from medgain.data.dermoscopy_splits import TEST_FOLD, draw_patient_folds, write_fold_table
 from medgain.synth.progress import ProgressCallback
 from medgain.transforms.hair import hair_alpha
 
@@ -220,13 +222,15 @@ def _draw_ruler(rng: np.random.Generator, img: np.ndarray) -> None:
     _blend(img, [rng.uniform(20, 60)] * 3, alpha)
 
 
-def _draw_ink(rng: np.random.Generator, img: np.ndarray, cx: float, cy: float, reach: float) -> None:
-    """Surgical-marker strokes (violet) beside the lesion, outside it."""
+def _draw_ink(rng: np.random.Generator, img: np.ndarray, cx: float, cy: float, reach: float) -> np.ndarray:
+    """Surgical-marker strokes (violet) beside the lesion, outside it; returns their (H, W) opacity. A stroke is
+    3-5 % of the short side wide (a marker line of about 1 mm in a field of 20-30 mm), so it stays a pixel or more
+    wide at a 32-pixel input."""
     h, w = img.shape[:2]
     short = min(h, w)
     canvas = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(canvas)
-    stroke = max(2, round(rng.uniform(0.012, 0.022) * short))
+    stroke = max(2, round(rng.uniform(0.03, 0.05) * short))
     for _ in range(int(rng.integers(1, 4))):
         angle = rng.uniform(0.0, 2.0 * np.pi)
         dist = reach * rng.uniform(1.05, 1.35) + stroke
@@ -236,6 +240,7 @@ def _draw_ink(rng: np.random.Generator, img: np.ndarray, cx: float, cy: float, r
         draw.line(points, fill=255, width=stroke, joint="curve")
     alpha = np.asarray(canvas, np.float32) / 255.0 * rng.uniform(0.6, 0.85)
     _blend(img, [rng.uniform(90, 130), rng.uniform(50, 80), rng.uniform(130, 170)], alpha)
+    return alpha
 
 
 def make_dermoscopy_image(
@@ -263,14 +268,23 @@ def make_dermoscopy_image(
     Returns:
         ``(image, mask)``: (H, W, 3) uint8 RGB and (H, W) uint8 lesion mask (0 / 255).
     """
+    image, mask, _ = _render(seed, index, height, width, malignant, tone, hairiness, ink)
+    return image, mask
+
+
+def _render(
+    seed: int, index: int, height: int, width: int, malignant: bool, tone: float, hairiness: float, ink: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`make_dermoscopy_image` plus the (H, W) bool pixels the ink touches (none without ink)."""
     for name, value in (("height", height), ("width", width)):
         if int(value) != value or value < 32:
             raise ValueError(f"{name} must be an integer >= 32, got {value!r}")
     rng = np.random.default_rng([seed, _STREAM_RENDER, index])
     img = _skin(rng, (int(height), int(width)), float(tone))
     mask, cx, cy, reach = _draw_lesion(rng, img, bool(malignant))
+    inked = np.zeros(img.shape[:2], bool)
     if ink:  # its own random stream: the same image with and without ink differs by the ink only
-        _draw_ink(np.random.default_rng([seed, _STREAM_INK, index]), img, cx, cy, reach)
+        inked = _draw_ink(np.random.default_rng([seed, _STREAM_INK, index]), img, cx, cy, reach) > 0
     if rng.random() < 0.6:
         strands = int(rng.poisson(hairiness))
         if strands:
@@ -282,7 +296,7 @@ def make_dermoscopy_image(
         _draw_bubbles(rng, img)
     _draw_field(rng, img, cx, cy, reach)
     img += rng.normal(0.0, 2.0, img.shape).astype(np.float32)
-    return np.clip(img + 0.5, 0.0, 255.0).astype(np.uint8), mask.astype(np.uint8) * 255
+    return np.clip(img + 0.5, 0.0, 255.0).astype(np.uint8), mask.astype(np.uint8) * 255, inked
 
 
 def _patients(rng: np.random.Generator, n: int, missing_rate: float) -> list[_Patient]:
@@ -335,6 +349,10 @@ def make_dermoscopy_dataset(
     max_size: int = 2000,
     missing_rate: float = 0.02,
     jpeg_quality: int = 90,
+    n_folds: int = 0,
+    test_fraction: float = 0.2,
+    shortcut_folds: Sequence[int] | None = None,
+    ink_probe: bool = False,
     progress: ProgressCallback | None = None,
 ) -> Path:
     """Write a synthetic dermoscopy data set in the ISIC 2020 layout.
@@ -347,7 +365,14 @@ def make_dermoscopy_dataset(
     - ``images/<image_name>.jpg``: RGB JPEGs, the longer side uniform in ``[min_size, max_size]``, aspect 1:1,
       4:3 or 3:2 in either orientation;
     - ``masks/<image_name>_segmentation.png``: the lesion mask (0 / 255) at the image size (ISIC naming);
-    - ``dataset.json``: the generation parameters and counts.
+    - ``dataset.json``: the generation parameters and counts;
+    - with ``n_folds``: ``folds.csv``, the fold table of the dermoscopy bundle (``folds_source``): a held-out test
+      fold (-1) and ``n_folds`` cross-validation folds, patient-grouped and stratified as the bundle draws them
+      (:func:`medgain.data.draw_patient_folds` with this seed);
+    - with ``ink_probe``: ``probe/images/<image_name>.jpg``, every test image without ink rendered again with its
+      ink markings (the same image but for the ink, drawn beneath hair, ruler and field as in training), and
+      ``probe/masks/<image_name>_segmentation.png``, the pixels the ink touches: the ink-reliance probe of a
+      shortcut study (:mod:`medgain.study.probe`).
 
     Patients (``round(n_images / images_per_patient)``) have one or more images each. Exactly
     ``round(n_images * prevalence)`` images are melanomas, drawn with odds that grow with age, male sex, the
@@ -365,6 +390,11 @@ def make_dermoscopy_dataset(
         max_size: largest longer side in pixels.
         missing_rate: chance that a patient's sex, a patient's age or an image's site is missing.
         jpeg_quality: JPEG quality (1-95).
+        n_folds: write ``folds.csv`` with this many cross-validation folds (0: none).
+        test_fraction: share of the patients in the test fold of ``folds.csv``.
+        shortcut_folds: the folds whose melanomas may carry ink (e.g. the training folds of a run validated on fold
+            0, so validation and test stay clean); None: any melanoma. Needs ``n_folds``.
+        ink_probe: write the inked twins of the clean test images under ``probe/``. Needs ``n_folds``.
         progress: called as ``progress(done, n_images)`` after each image (e.g.
             :func:`medgain.synth.progress.print_progress`).
 
@@ -375,6 +405,10 @@ def make_dermoscopy_dataset(
         ValueError: for an invalid argument, or ``out_dir`` that exists and is not a directory.
     """
     _check(n_images, seed, prevalence, shortcut_rate, images_per_patient, min_size, max_size, missing_rate)
+    if (shortcut_folds is not None or ink_probe) and n_folds < 2:
+        raise ValueError(f"shortcut_folds and ink_probe need n_folds >= 2 (a fold table), got n_folds={n_folds!r}")
+    if shortcut_folds is not None and not set(shortcut_folds) <= {TEST_FOLD, *range(n_folds)}:
+        raise ValueError(f"shortcut_folds must be folds of {TEST_FOLD} .. {n_folds - 1}, got {list(shortcut_folds)}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory")
@@ -400,8 +434,12 @@ def make_dermoscopy_dataset(
     aspect = image_rng.choice([1.0, 4.0 / 3.0, 1.5], size=n_images)
     portrait = image_rng.random(n_images) < 0.3
 
+    patient_ids = [f"SP_{p:05d}" for p in owner]
+    folds = (draw_patient_folds(malignant.astype(int), patient_ids, n_folds, seed, test_fraction) if n_folds
+             else np.zeros(n_images, np.int64))
     ink = np.zeros(n_images, bool)
-    positives = np.flatnonzero(malignant)
+    positives = np.flatnonzero(malignant & (np.isin(folds, list(shortcut_folds)) if shortcut_folds is not None
+                                            else True))
     n_ink = int(math.floor(len(positives) * shortcut_rate + 0.5))
     ink[np.random.default_rng([seed, _STREAM_SHORTCUT]).choice(positives, size=n_ink, replace=False)] = True
 
@@ -410,12 +448,17 @@ def make_dermoscopy_dataset(
         patient = patients[owner[index]]
         short_side = max(32, int(round(long_side[index] / aspect[index])))
         height, width = (long_side[index], short_side) if portrait[index] else (short_side, long_side[index])
-        image, mask = make_dermoscopy_image(
-            seed, index, int(height), int(width), bool(malignant[index]), patient.tone, patient.hairiness, ink[index]
-        )
+        render = (seed, index, int(height), int(width), bool(malignant[index]), patient.tone, patient.hairiness)
+        image, mask = make_dermoscopy_image(*render, ink[index])
         name = f"SYN_{index:07d}"
         Image.fromarray(image).save(out / "images" / f"{name}.jpg", quality=int(jpeg_quality))
         Image.fromarray(mask).save(out / "masks" / f"{name}_segmentation.png")
+        if ink_probe and folds[index] == TEST_FOLD and not ink[index]:
+            twin, _, inked = _render(*render, True)
+            (out / "probe" / "images").mkdir(parents=True, exist_ok=True)
+            (out / "probe" / "masks").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(twin).save(out / "probe" / "images" / f"{name}.jpg", quality=int(jpeg_quality))
+            Image.fromarray(inked.astype(np.uint8) * 255).save(out / "probe" / "masks" / f"{name}_segmentation.png")
         rows.append(
             {
                 "image_name": name,
@@ -430,6 +473,10 @@ def make_dermoscopy_dataset(
         )
         if progress is not None:
             progress(index + 1, n_images)
+    if n_folds:
+        write_fold_table([{"image": f"images/{row['image_name']}.jpg", "patient": row["patient_id"],
+                           "label": row["target"], "fold": int(fold)} for row, fold in zip(rows, folds)],
+                         out / "folds.csv")
     csv_path = out / "train.csv"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=DERMOSCOPY_CSV_COLUMNS)
@@ -449,10 +496,20 @@ def make_dermoscopy_dataset(
         "missing_rate": float(missing_rate),
         "malignant": int(malignant.sum()),
         "ink_markings": int(ink.sum()),
+        "n_folds": int(n_folds),
+        "test_fraction": float(test_fraction) if n_folds else None,
+        "shortcut_folds": None if shortcut_folds is None else sorted(int(f) for f in shortcut_folds),
+        "ink_probe": bool(ink_probe),
+        "folds": {str(f): {"images": int((folds == f).sum()), "malignant": int((malignant & (folds == f)).sum()),
+                           "ink_markings": int((ink & (folds == f)).sum())}
+                  for f in sorted(set(folds.tolist()))} if n_folds else None,
         "layout": {
             "csv": "train.csv",
             "images": "images/<image_name>.jpg",
             "masks": "masks/<image_name>_segmentation.png",
+            **({"folds": "folds.csv"} if n_folds else {}),
+            **({"probe_images": "probe/images/<image_name>.jpg", "probe_ink_masks":
+                "probe/masks/<image_name>_segmentation.png"} if ink_probe else {}),
         },
     }
     (out / "dataset.json").write_text(json.dumps(summary, indent=2) + "\n")
