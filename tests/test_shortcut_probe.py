@@ -171,6 +171,9 @@ def test_report_gives_the_penalty_per_method_the_probe_and_the_shipped_epochs(tm
     assert float(row["dlogodds_normal"]) == pytest.approx((marked - clean)[labels == 0].mean(), rel=1e-4, abs=1e-6)
     assert float(row["false_alarms_marked"]) == pytest.approx((marked[labels == 0] >= 0.0).mean())
     assert probe["epoch"] == epochs[key] and probe["threshold"] == 0.0
+    shipped = next(line for line in (tmp_path / "report" / "study.md").read_text().splitlines()
+                   if line.startswith(f"| `{key.config}` | d0 s"))
+    assert f"d0 s1: {epochs[key]}" in shipped  # each run named by its data seed and seed
 
 
 def test_a_cam_positive_at_one_location_keeps_its_gradient_with_a_slope() -> None:

@@ -599,11 +599,11 @@ def _design_markdown(spec: StudySpec, runs: dict[str, list[RunData]], penalties:
                      metrics: list[MetricDef], confidence: float) -> str:
     """The sections of a shortcut study: shipped epochs, marked frames per split, the probe, the penalty table."""
     lines = ["", "## Shipped epochs", "", "The epoch of each run's shipped model file (chosen on validation).", "",
-             "| configuration | epochs (data seed.seed: epoch) |", "| --- | --- |"]
+             "| configuration | epoch per run (d<data seed> s<seed>: epoch) |", "| --- | --- |"]
     for config, config_runs in runs.items():
         if config_runs:
             lines.append(f"| `{config}` | " + ", ".join(
-                f"{r.key.data_seed}.{r.key.seed}: {'n/a' if r.epoch is None else r.epoch}" for r in config_runs) + " |")
+                f"d{r.key.data_seed} s{r.key.seed}: {'n/a' if r.epoch is None else r.epoch}" for r in config_runs) + " |")
     marked = _marked_frames(spec, runs) if spec.data.get("synth") else []
     if marked:
         lines += ["", "## Marked frames per split", "",
