@@ -81,6 +81,10 @@ def test_marker_attention_of_an_empty_map_is_zero() -> None:
     cam = torch.zeros(2, 1, 4, 4)
     cam[1, 0, 0, 0], cam[1, 0, 3, 3] = 3.0, 1.0
     assert marker_attention(cam, region).tolist() == [0.0, 0.75]
+    own = torch.stack([region, region.flip(0)])  # one region per sample: the second's is the corner (3, 0)
+    assert marker_attention(cam, own).tolist() == [0.0, 0.0]
+    own[1, 3, 3] = True
+    assert marker_attention(cam, own).tolist() == [0.0, 0.25]
 
 
 def _shortcut_study(folder: Path) -> Path:

@@ -40,13 +40,13 @@ def marker_attention(cam: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
 
     Args:
         cam: (B, 1, H, W) raw, non-negative Grad-CAM.
-        region: (H, W) bool marker pixels at the cam's size.
+        region: (H, W) bool marker pixels at the cam's size, the same for every sample, or (B, H, W), one each.
 
     Returns:
         (B,) float64 in [0, 1]; 0 where the cam is all zero (no attention anywhere, so none on the marker).
     """
     flat = cam.detach().double().flatten(1)
-    inside = (flat * region.reshape(1, -1).to(flat.dtype)).sum(1)
+    inside = (flat * region.reshape(-1 if region.dim() == 3 else 1, flat.shape[1]).to(flat.dtype)).sum(1)
     total = flat.sum(1)
     return inside / torch.where(total > 0, total, torch.ones_like(total))
 
@@ -180,6 +180,7 @@ def run_twin_probe(
     overrides: dict[str, Any],
     dataset_dir: str | os.PathLike,
     checkpoint: str,
+    batch_size: int = 32,
 ) -> dict[str, Any]:
     """The probe of one run on twin images, as :func:`run_marker_probe` gives it (cached the same way).
 
@@ -196,6 +197,7 @@ def run_twin_probe(
         overrides: the run's evaluation overrides (data set, fold table, split, ...).
         dataset_dir: the data set, to name images as the study report does (``file#0``).
         checkpoint: the shipped model file, relative to ``run_dir``.
+        batch_size: images per forward.
 
     Raises:
         FileNotFoundError: for a missing model file, or an evaluated image without a twin or an ink mask.
@@ -219,24 +221,29 @@ def run_twin_probe(
     spec = load_model_spec(model_path)
     model = load_model(model_path)
     probe = Path(dataset_dir) / "probe"
-    out: dict[str, list[float]] = {"score_clean": [], "score_marked": [], "marker_attention": [], "area": []}
-    for item in items:
-        name = Path(str(item["image"])).name
-        twin = probe / "images" / name
-        ink = probe / "masks" / f"{Path(name).stem}_segmentation.png"
-        for path in (twin, ink):
-            if not path.is_file():
-                raise FileNotFoundError(f"ink probe: {path} not found (the data set needs `--ink-probe`)")
-        clean = transform(dict(item))
-        marked = transform({**item, "image": str(twin)})
-        args = [torch.as_tensor(clean[k])[None] for k in metadata_keys]
+    out: dict[str, list[torch.Tensor]] = {"score_clean": [], "score_marked": [], "marker_attention": [], "area": []}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        clean, marked, regions = [], [], []
+        for item in chunk:
+            name = Path(str(item["image"])).name
+            twin = probe / "images" / name
+            ink = probe / "masks" / f"{Path(name).stem}_segmentation.png"
+            for path in (twin, ink):
+                if not path.is_file():
+                    raise FileNotFoundError(f"ink probe: {path} not found (the data set needs `--ink-probe`)")
+            clean.append(transform(dict(item)))
+            marked.append(torch.as_tensor(transform({**item, "image": str(twin)})["image"]))
+            regions.append(_ink_region(ink, tuple(marked[-1].shape[-2:])))
+        args = [torch.stack([torch.as_tensor(c[k]) for c in clean]) for k in metadata_keys]
+        region = torch.stack(regions)
         with torch.no_grad():
-            out["score_clean"].append(float(positive_score(model(torch.as_tensor(clean["image"])[None], *args))[0]))
-            logits, cam = grad_cam(model, torch.as_tensor(marked["image"])[None], spec.target_layer, class_index=1,
-                                   forward_args=args)
-        region = _ink_region(ink, tuple(marked["image"].shape[-2:]))
-        out["score_marked"].append(float(positive_score(logits)[0]))
-        out["marker_attention"].append(float(marker_attention(cam, region)[0]))
-        out["area"].append(float(region.double().mean()))
-    area = float(np.mean(out.pop("area"))) if items else 0.0
-    return _store(run_dir, model_path, items, dataset_dir, area, out)
+            out["score_clean"].append(positive_score(model(torch.stack([torch.as_tensor(c["image"]) for c in clean]),
+                                                           *args)))
+            logits, cam = grad_cam(model, torch.stack(marked), spec.target_layer, class_index=1, forward_args=args)
+        out["score_marked"].append(positive_score(logits))
+        out["marker_attention"].append(marker_attention(cam, region))
+        out["area"].append(region.double().flatten(1).mean(1))
+    values = {k: torch.cat(v).double().tolist() if v else [] for k, v in out.items()}
+    area = float(np.mean(values.pop("area"))) if items else 0.0
+    return _store(run_dir, model_path, items, dataset_dir, area, values)

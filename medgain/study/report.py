@@ -599,7 +599,7 @@ def _design_markdown(spec: StudySpec, runs: dict[str, list[RunData]], penalties:
                      metrics: list[MetricDef], confidence: float) -> str:
     """The sections of a shortcut study: shipped epochs, marked frames per split, the probe, the penalty table."""
     lines = ["", "## Shipped epochs", "", "The epoch of each run's shipped model file (chosen on validation).", "",
-             "| configuration | epoch per run (d<data seed> s<seed>: epoch) |", "| --- | --- |"]
+             "| configuration | epoch per run (\"d1 s0: 7\": data seed 1, seed 0, epoch 7) |", "| --- | --- |"]
     for config, config_runs in runs.items():
         if config_runs:
             lines.append(f"| `{config}` | " + ", ".join(
@@ -717,7 +717,11 @@ def _markdown(
                 lines.append(f"| `{config}` | {max(r['matched'] for r in rows.values())} | " + " | ".join(cells)
                              + " |")
     if plots:
-        lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
+        lines += ["", "## Plots", "", "PNG files beside this report (in MLflow: the study run's `report/` folder), "
+                  "each metric per configuration with every run as a dot; a viewer that shows no images lists their "
+                  "names here."]
+        for plot in plots:
+            lines += ["", f"![{plot.stem}]({plot.name})"]
     lines += ["", "Per-run figures: `runs.csv`; these tables as CSV: `summary.csv`, `differences.csv`"
               + (", `gap.csv`" if gaps else "") + ".", ""]
     return "\n".join(lines)

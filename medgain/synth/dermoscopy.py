@@ -438,8 +438,8 @@ def make_dermoscopy_dataset(
     folds = (draw_patient_folds(malignant.astype(int), patient_ids, n_folds, seed, test_fraction) if n_folds
              else np.zeros(n_images, np.int64))
     ink = np.zeros(n_images, bool)
-    positives = np.flatnonzero(malignant & (np.isin(folds, list(shortcut_folds)) if shortcut_folds is not None
-                                            else True))
+    eligible = malignant if shortcut_folds is None else malignant & np.isin(folds, list(shortcut_folds))
+    positives = np.flatnonzero(eligible)
     n_ink = int(math.floor(len(positives) * shortcut_rate + 0.5))
     ink[np.random.default_rng([seed, _STREAM_SHORTCUT]).choice(positives, size=n_ink, replace=False)] = True
 
